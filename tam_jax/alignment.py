@@ -1,0 +1,365 @@
+"""Frame distances and video alignment scores: the Temporal Alignment Module (TAM) and Table 2's baselines.
+
+Pure functions of distance matrices `[..., Tq, Ts]` (any leading batch axes; Tq and Ts may differ).
+Equation numbers refer to Cao et al., "Few-Shot Video Classification via Temporal Alignment", CVPR 2020.
+
+All functions are jittable, vmappable and differentiable, accept bfloat16, float32 (or float64) inputs and
+accumulate in at least float32; results come back in that accumulation dtype (float32 for bf16 input).
+
+The dynamic programmes (TAM and plain DTW) run as one `jax.lax.scan` over the anti-diagonals of the
+cost matrix: cell (i, j) depends only on cells of diagonals i + j - 1 and i + j - 2, so every step updates
+a whole diagonal, for every matrix of the batch at once. Gradients of the soft scores use the analytic
+soft-DTW backward recursion, a second reverse scan (a custom VJP: reverse-mode only; measured against
+autodiff of the forward scan in benchmarks/README.md); the hard scores and a traced lam use autodiff.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+METHODS = ("tam", "plain_dtw", "diagonal", "mean", "min")
+
+# Stands in for +inf on cells outside the matrix. Finite, so that neither the soft-min nor its gradient
+# ever meets inf - inf; large enough that exp(-(UNREACHABLE - m) / lam) underflows to 0 for any real cost.
+_UNREACHABLE = 1e30
+# Keeps the norm away from zero so that an all-zero feature vector has a finite cosine and gradient.
+_NORM_EPS = 1e-8
+
+
+def cosine_distance(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Frame-to-frame cosine distance, Eq. 1: D[l, m] = 1 - cos(x_l, y_m).
+
+    Args:
+      x: query frame features `[..., Tq, D]`.
+      y: support frame features `[..., Ts, D]` (leading axes broadcast against x's).
+
+    Returns:
+      `[..., Tq, Ts]` distances in [0, 2]. An all-zero feature vector has cosine 0 to everything
+      (distance 1), with a finite gradient.
+    """
+    dtype = _accumulation_dtype(jnp.result_type(x, y))
+    x = x.astype(dtype)
+    y = y.astype(dtype)
+    x_unit = x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + _NORM_EPS)
+    y_unit = y * jax.lax.rsqrt(jnp.sum(y * y, axis=-1, keepdims=True) + _NORM_EPS)
+    return 1.0 - jnp.einsum("...ld,...md->...lm", x_unit, y_unit)
+
+
+def _accumulation_dtype(dtype) -> jnp.dtype:
+    """float32 for half-precision and float32 input; float64 stays float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _is_hard(lam) -> bool:
+    """lam == 0 (a Python number) selects the hard minimum."""
+    return isinstance(lam, (int, float)) and lam == 0
+
+
+def _check_lam(lam) -> None:
+    if isinstance(lam, (int, float)) and lam < 0:
+        raise ValueError(f"lam must be >= 0 (0 is the hard minimum), got {lam}.")
+
+
+def _soft_min3(a: jax.Array, b: jax.Array, c: jax.Array, lam) -> jax.Array:
+    """Eq. 6 on three candidates: -lam * log(exp(-a / lam) + exp(-b / lam) + exp(-c / lam)).
+
+    Shifted by the (gradient-free) minimum so that it stays finite for any magnitudes and any lam > 0.
+    With lam == 0 it is the hard minimum, taken at the first smallest candidate so that its gradient
+    is one-hot (which makes the gradient of a hard alignment score exactly its 0/1 path).
+    """
+    if _is_hard(lam):
+        return jnp.where((a <= b) & (a <= c), a, jnp.where(b <= c, b, c))
+    smallest = jax.lax.stop_gradient(jnp.minimum(a, jnp.minimum(b, c)))
+    total = (
+        jnp.exp((smallest - a) / lam) + jnp.exp((smallest - b) / lam) + jnp.exp((smallest - c) / lam)
+    )
+    return smallest - lam * jnp.log(total)
+
+
+def _shift_rows(diagonal: jax.Array, offset: int, fill) -> jax.Array:
+    """`[R, B]` -> `[R, B]` whose row i holds row i - offset of the input (offset +-1), `fill` elsewhere."""
+    pad = jnp.full_like(diagonal[:1], fill)
+    if offset == 1:
+        return jnp.concatenate([pad, diagonal[:-1]], axis=0)
+    return jnp.concatenate([diagonal[1:], pad], axis=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _diagonal_layout(rows: int, cols: int, vertical_columns: tuple[bool, ...]):
+    """Static tables that lay a `[rows, cols]` matrix out by anti-diagonal: diagonal k holds cell
+    (i, k - i) at position i.
+
+    Returns:
+      row_index, col_index: `[K, rows]` int gather indices (K = rows + cols - 1), clipped into range.
+      valid, can_go_down, is_start: `[K, rows, 1]` bool: the cell exists; a path may enter it from
+        above (its column is one of `vertical_columns`); it is the start (0, 0).
+    """
+    diagonals = np.arange(rows + cols - 1)[:, None]
+    row_index = np.broadcast_to(np.arange(rows)[None, :], (rows + cols - 1, rows))
+    col_index = diagonals - row_index
+    valid = (col_index >= 0) & (col_index < cols)
+    col_index = np.clip(col_index, 0, cols - 1)
+    can_go_down = np.asarray(vertical_columns)[col_index] & valid
+    is_start = np.zeros_like(valid)
+    is_start[0, 0] = True
+    return row_index, col_index, valid[..., None], can_go_down[..., None], is_start[..., None]
+
+
+def _accumulate(diagonal_costs: jax.Array, lam, layout_key) -> jax.Array:
+    """The recursion, one anti-diagonal per scan step: `[K, R, B]` costs -> `[K, R, B]` gamma."""
+    _, _, valid, can_go_down, is_start = _diagonal_layout(*layout_key)
+
+    def step(carry, inputs):
+        previous, before_previous = carry  # gamma on diagonals k-1 and k-2, [R, B]
+        costs, is_valid, vertical_ok, starts_here = inputs
+        diagonal_move = _shift_rows(before_previous, 1, _UNREACHABLE)  # from (i-1, j-1)
+        horizontal_move = previous  # from (i, j-1)
+        vertical_move = jnp.where(vertical_ok, _shift_rows(previous, 1, _UNREACHABLE), _UNREACHABLE)
+        best = _soft_min3(diagonal_move, horizontal_move, vertical_move, lam)
+        # The path starts at (0, 0), which has no predecessor.
+        best = jnp.where(starts_here, 0.0, best)
+        current = jnp.where(is_valid, costs + best, _UNREACHABLE)
+        return (current, previous), current
+
+    unreachable = jnp.full(diagonal_costs.shape[1:], _UNREACHABLE, diagonal_costs.dtype)
+    inputs = (diagonal_costs, valid, can_go_down, is_start)
+    _, gamma = jax.lax.scan(step, (unreachable, unreachable), inputs)
+    return gamma
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _soft_accumulate_last(diagonal_costs: jax.Array, lam: float, layout_key) -> jax.Array:
+    """gamma of the last cell, `[K, R, B]` -> `[B]`, with the analytic soft-DTW backward pass."""
+    return _accumulate(diagonal_costs, lam, layout_key)[-1, -1]
+
+
+def _soft_accumulate_last_fwd(diagonal_costs, lam, layout_key):
+    gamma = _accumulate(diagonal_costs, lam, layout_key)
+    return gamma[-1, -1], (gamma, diagonal_costs)
+
+
+def _soft_accumulate_last_bwd(lam, layout_key, residuals, cotangent):
+    """Backward recursion of soft DTW (Cuturi & Blondel, 2017), generalised to per-column moves.
+
+    E(p) = d gamma_end / d gamma(p) = sum over successors s of E(s) * exp((best(s) - gamma(p)) / lam),
+    where best(s) = gamma(s) - cost(s) is the soft-min at s; and d gamma_end / d cost(p) = E(p).
+    """
+    gamma, diagonal_costs = residuals
+    _, _, valid, can_go_down, _ = _diagonal_layout(*layout_key)
+    best = gamma - diagonal_costs
+
+    def weight(successor_best, predecessor_gamma):
+        # <= 0 up to rounding; the clip keeps unreachable successors (weighted by E = 0) finite.
+        return jnp.exp(jnp.minimum((successor_best - predecessor_gamma) / lam, 0.0))
+
+    def step(carry, inputs):
+        next_e, next_best, next_down, after_next_e, after_next_best = carry  # diagonals k+1, k+2
+        g, b, is_valid, vertical_ok = inputs  # diagonal k
+        horizontal = next_e * weight(next_best, g)  # to (i, j+1)
+        vertical = jnp.where(
+            _shift_rows(next_down, -1, False),
+            _shift_rows(next_e, -1, 0.0) * weight(_shift_rows(next_best, -1, 0.0), g),
+            0.0,
+        )  # to (i+1, j)
+        diagonal = _shift_rows(after_next_e, -1, 0.0) * weight(
+            _shift_rows(after_next_best, -1, 0.0), g
+        )  # to (i+1, j+1)
+        e = jnp.where(is_valid, horizontal + vertical + diagonal, 0.0)
+        return (e, b, vertical_ok, next_e, next_best), e
+
+    zeros = jnp.zeros_like(gamma[-1])
+    last_e = zeros.at[-1].set(cotangent)
+    init = (last_e, best[-1], can_go_down[-1], zeros, zeros)
+    inputs = (gamma[:-1], best[:-1], valid[:-1], can_go_down[:-1])
+    _, earlier_e = jax.lax.scan(step, init, inputs, reverse=True)
+    return (jnp.concatenate([earlier_e, last_e[None]], axis=0),)
+
+
+_soft_accumulate_last.defvjp(_soft_accumulate_last_fwd, _soft_accumulate_last_bwd)
+
+
+def _dynamic_programme(cost: jax.Array, lam, vertical_columns: np.ndarray) -> jax.Array:
+    """Accumulated cost gamma(R-1, C-1) of a monotone alignment through `cost`.
+
+    gamma(i, j) = cost(i, j) + softmin(gamma(i-1, j-1), gamma(i, j-1), [gamma(i-1, j)]), where the vertical
+    predecessor (i-1, j) is allowed only in the columns flagged by `vertical_columns`; gamma(0, 0) =
+    cost(0, 0); cells outside the matrix are unreachable.
+
+    A positive Python-number lam uses the analytic backward pass (custom VJP: reverse mode only); lam = 0
+    and traced lam use autodiff of the scan.
+
+    Args:
+      cost: `[B, R, C]`, float32 or float64.
+      lam: soft-min temperature (Eq. 6); 0 for the hard minimum.
+      vertical_columns: `[C]` bool, columns where a path may move down.
+
+    Returns:
+      `[B]`, in the dtype of `cost`.
+    """
+    _, rows, cols = cost.shape
+    layout_key = (rows, cols, tuple(bool(v) for v in vertical_columns))
+    row_index, col_index = _diagonal_layout(*layout_key)[:2]
+    # [K, R, B]: the cost of each cell laid out by anti-diagonal, the batch on the fastest axis so that
+    # every step is a vector operation over the batch.
+    diagonal_costs = jnp.transpose(cost[:, row_index, col_index], (1, 2, 0))
+    if isinstance(lam, (int, float)) and lam > 0:
+        return _soft_accumulate_last(diagonal_costs, float(lam), layout_key)
+    return _accumulate(diagonal_costs, lam, layout_key)[-1, -1]
+
+
+def _flatten_batch(dist: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+    """`[..., Tq, Ts]` -> (`[B, Tq, Ts]` in the accumulation dtype, leading shape)."""
+    if dist.ndim < 2:
+        raise ValueError(f"Expected distances of shape [..., Tq, Ts], got shape {dist.shape}.")
+    leading = dist.shape[:-2]
+    flat = dist.reshape((-1,) + dist.shape[-2:])
+    return flat.astype(_accumulation_dtype(dist.dtype)), leading
+
+
+def _tam_one_direction(dist: jax.Array, lam) -> jax.Array:
+    """Eq. 5-7 on `[..., Tq, Ts]` -> `[...]`, without the reverse direction."""
+    flat, leading = _flatten_batch(dist)
+    # Eq. 5: one zero column before and after the support axis; only those two allow vertical moves,
+    # so a path may start and end at any query frame and sums one entry of every support column.
+    padded = jnp.pad(flat, ((0, 0), (0, 0), (1, 1)))
+    cols = padded.shape[-1]
+    vertical_columns = np.zeros(cols, bool)
+    vertical_columns[[0, cols - 1]] = True
+    return _dynamic_programme(padded, lam, vertical_columns).reshape(leading)
+
+
+def tam_distance(dist: jax.Array, lam=0.1, bidirectional: bool = False) -> jax.Array:
+    """Temporal Alignment Module video distance, Eq. 5-7.
+
+    The support axis is padded with one zero column on each side (T x (T+2) for Tq = Ts = T). In the two
+    padded columns the predecessors of (i, j) are (i-1, j-1), (i-1, j) and (i, j-1); in the inner columns
+    only (i-1, j-1) and (i, j-1); the first query row accumulates from the left. The minimum is relaxed to
+    the soft-min of Eq. 6 with temperature `lam` (0: the hard minimum). The score is gamma(Tq, Ts + 1)
+    (Eq. 7, 1-indexed): every path sums exactly one entry of each support column.
+
+    Args:
+      dist: frame distances `[..., Tq, Ts]` (Eq. 1), query frames along Tq.
+      lam: soft-min temperature, >= 0.
+      bidirectional: also add the support->query score (the same recursion on the transposed matrix),
+        as public PyTorch reimplementations train with.
+
+    Returns:
+      `[...]` video distances.
+    """
+    _check_lam(lam)
+    score = _tam_one_direction(dist, lam)
+    if bidirectional:
+        score = score + _tam_one_direction(jnp.swapaxes(dist, -1, -2), lam)
+    return score
+
+
+def plain_dtw_distance(dist: jax.Array, lam=0.1) -> jax.Array:
+    """Table 2's Plain DTW: no padding, paths from (1, 1) to (Tq, Ts), predecessors (i-1, j-1),
+    (i-1, j) and (i, j-1) everywhere; soft-min of Eq. 6 with temperature `lam` (0: hard minimum).
+
+    Args:
+      dist: `[..., Tq, Ts]` frame distances.
+
+    Returns:
+      `[...]`.
+    """
+    _check_lam(lam)
+    flat, leading = _flatten_batch(dist)
+    vertical_columns = np.ones(flat.shape[-1], bool)
+    return _dynamic_programme(flat, lam, vertical_columns).reshape(leading)
+
+
+def diagonal_distance(dist: jax.Array) -> jax.Array:
+    """Table 2's Diagonal: the sum of D[l, l], frames compared in order; needs Tq == Ts.
+
+    `[..., T, T]` -> `[...]`.
+    """
+    if dist.shape[-1] != dist.shape[-2]:
+        raise ValueError(
+            "diagonal_distance needs as many query as support frames (Tq == Ts), got "
+            f"Tq={dist.shape[-2]}, Ts={dist.shape[-1]}. Sample the same number of frames per video "
+            "or use another method."
+        )
+    return jnp.trace(dist.astype(_accumulation_dtype(dist.dtype)), axis1=-2, axis2=-1)
+
+
+def mean_distance(dist: jax.Array) -> jax.Array:
+    """Table 2's Mean: the mean of all frame distances, order-blind. `[..., Tq, Ts]` -> `[...]`."""
+    return jnp.mean(dist.astype(_accumulation_dtype(dist.dtype)), axis=(-2, -1))
+
+
+def min_distance(dist: jax.Array) -> jax.Array:
+    """Table 2's Min: the smallest frame distance over all frame pairs. `[..., Tq, Ts]` -> `[...]`."""
+    return jnp.min(dist.astype(_accumulation_dtype(dist.dtype)), axis=(-2, -1))
+
+
+def _scorer(method: str, lam, bidirectional: bool) -> Callable[[jax.Array], jax.Array]:
+    """The scoring function `[..., Tq, Ts]` -> `[...]` for a method name."""
+    if method == "tam":
+        return functools.partial(tam_distance, lam=lam, bidirectional=bidirectional)
+    if bidirectional:
+        raise ValueError(f"bidirectional=True applies to method 'tam' only, got method {method!r}.")
+    if method == "plain_dtw":
+        return functools.partial(plain_dtw_distance, lam=lam)
+    if method == "diagonal":
+        return diagonal_distance
+    if method == "mean":
+        return mean_distance
+    if method == "min":
+        return min_distance
+    raise ValueError(f"Unknown alignment method {method!r}; valid methods are {', '.join(METHODS)}.")
+
+
+def alignment_distance(dist: jax.Array, method: str, lam=0.1, bidirectional: bool = False) -> jax.Array:
+    """Video distance `[..., Tq, Ts]` -> `[...]` by method: one of "tam", "plain_dtw", "diagonal", "mean",
+    "min" (Table 2). `lam` is used by "tam" and "plain_dtw"; `bidirectional` by "tam"."""
+    return _scorer(method, lam, bidirectional)(dist)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "bidirectional"))
+def pairwise_distance(
+    query: jax.Array,
+    support: jax.Array,
+    method: str = "tam",
+    lam=0.1,
+    bidirectional: bool = False,
+) -> jax.Array:
+    """Distance of every query video to every support video.
+
+    Args:
+      query: `[Nq, Tq, D]` frame features.
+      support: `[Ns, Ts, D]` frame features.
+      method, lam, bidirectional: as in `alignment_distance`.
+
+    Returns:
+      `[Nq, Ns]`.
+    """
+    score = _scorer(method, lam, bidirectional)
+    per_support = jax.vmap(lambda q, s: score(cosine_distance(q, s)), in_axes=(None, 0))
+    return jax.vmap(per_support, in_axes=(0, None))(query, support)
+
+
+def soft_alignment(dist: jax.Array, method: str = "tam", lam=0.1) -> jax.Array:
+    """Expected alignment: the gradient of the soft distance with respect to `dist`, `[..., Tq, Ts]`.
+
+    Entry (l, m) is the probability that query frame l is matched to support frame m under the Gibbs
+    distribution over paths at temperature `lam`; for TAM each column sums to 1 (Fig. 3-4 of the paper).
+    """
+    if method not in ("tam", "plain_dtw"):
+        raise ValueError(f"soft_alignment needs an alignment method ('tam' or 'plain_dtw'), got {method!r}.")
+    score = _scorer(method, lam, False)
+    return jax.grad(lambda d: jnp.sum(score(d)))(dist.astype(_accumulation_dtype(dist.dtype)))
+
+
+def alignment_path(dist: jax.Array, method: str = "tam") -> jax.Array:
+    """The optimal hard path (lam = 0) as a 0/1 matrix `[..., Tq, Ts]` (ties broken towards the diagonal).
+
+    Computed as the gradient of the hard distance, which the first-argmin minimum makes one-hot along
+    the backtracked path. For TAM, each support column holds exactly one 1.
+    """
+    return soft_alignment(dist, method, lam=0)
