@@ -1,0 +1,26 @@
+"""Backbones (torchvision-layout ResNets), the frame embedder and backbone checkpoints."""
+
+from tam_jax.models.checkpoint import load_backbone, read_backbone_metadata, save_backbone
+from tam_jax.models.embedder import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    FrameEmbedder,
+    embedder_variables_from_backbone,
+    normalize_imagenet,
+)
+from tam_jax.models.resnet import ARCHS, ResNet, create_backbone, feature_dim
+
+__all__ = [
+    "ARCHS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "FrameEmbedder",
+    "ResNet",
+    "create_backbone",
+    "embedder_variables_from_backbone",
+    "feature_dim",
+    "load_backbone",
+    "normalize_imagenet",
+    "read_backbone_metadata",
+    "save_backbone",
+]

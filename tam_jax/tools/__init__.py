@@ -1,0 +1,1 @@
+"""Command-line tools: `python -m tam_jax.tools.<name> --help`."""
