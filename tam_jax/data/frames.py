@@ -1,0 +1,97 @@
+"""Frame folders: numbered JPEGs (as ffmpeg extracts them) -> uint8 frames.
+
+A folder holds one video's frames, named with a number (``00000001.jpg``, ``img_00001.jpg``,
+``frame12.jpg``); frames are ordered by the last number in the name, so ``frame10`` follows
+``frame9``. Errors are `VideoError`s naming the folder or the JPEG at fault.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tam_jax.data.report import VideoError
+
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
+_NUMBER = re.compile(r"(\d+)(?!.*\d)")
+
+
+def _frame_order(name: str) -> tuple[int, str]:
+    match = _NUMBER.search(name)
+    return (int(match.group(1)) if match else -1, name)
+
+
+def list_frames(folder: str | Path) -> list[str]:
+    """A folder's frame file names in temporal order; VideoError if missing or without frames."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        raise VideoError(folder, "frame folder is missing") from None
+    except OSError as e:
+        raise VideoError(folder, f"frame folder cannot be listed ({e.strerror or e})") from None
+    frames = [n for n in names if n.lower().endswith(FRAME_SUFFIXES) and not n.startswith(".")]
+    if not frames:
+        raise VideoError(folder, "frame folder holds no .jpg/.jpeg/.png frames")
+    return sorted(frames, key=_frame_order)
+
+
+def decode_image(data: bytes, path: object) -> np.ndarray:
+    """Encoded image bytes -> uint8 [H, W, 3]; a corrupt image raises VideoError naming `path`."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise VideoError(path, f"corrupt image ({e})") from None
+
+
+def read_frames(folder: str | Path, indices: Sequence[int]) -> np.ndarray:
+    """Frames `indices` of the folder's ordered frames -> uint8 [len(indices), H, W, 3]."""
+    names = list_frames(folder)
+    folder = Path(folder)
+
+    def decode(i: int) -> np.ndarray:
+        path = folder / names[i]
+        try:
+            return decode_image(path.read_bytes(), path)
+        except OSError as e:
+            raise VideoError(path, f"frame cannot be read ({e.strerror or e})") from None
+
+    return gather_frames(indices, len(names), decode, folder)
+
+
+def gather_frames(
+    indices: Sequence[int], count: int, decode: Callable[[int], np.ndarray], where: object
+) -> np.ndarray:
+    """uint8 [len(indices), H, W, 3] from `decode(i)` for i in 0..count-1, decoding each distinct
+    frame once (short videos repeat frames). `where` names the video in errors."""
+    decoded: dict[int, np.ndarray] = {}
+    for i in dict.fromkeys(int(i) for i in indices):
+        if not 0 <= i < count:
+            raise VideoError(where, f"frame {i} requested but the video holds {count} frames")
+        decoded[i] = decode(i)
+    frames = [decoded[int(i)] for i in indices]
+    shapes = {f.shape for f in frames}
+    if len(shapes) != 1:
+        raise VideoError(where, f"frames differ in size: {sorted(shapes)}")
+    return np.stack(frames)
+
+
+def encode_jpeg(frame: np.ndarray, quality: int = 90) -> bytes:
+    """uint8 [H, W, 3] -> JPEG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def write_frame_folder(folder: str | Path, frames: np.ndarray, quality: int = 90) -> None:
+    """Writes uint8 [T, H, W, 3] as ``00000001.jpg``, ... (ffmpeg's ``%08d.jpg``, from 1)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for t, frame in enumerate(frames, 1):
+        (folder / f"{t:08d}.jpg").write_bytes(encode_jpeg(frame, quality))

@@ -1,0 +1,250 @@
+"""Video sources: random access to the videos of one split, by item index.
+
+Every source has the same interface (`VideoSource`): items are numbered 0..len-1 in the split's
+class-major order (`Split.items()`), `label(i)` is the class index within the split, `read(i,
+frame_indices)` returns uint8 [T, H, W, 3], and bad input raises `VideoError`. Implementations:
+
+- `FrameFolderSource`: JPEG frame folders, ``<root>/<class>/<video>/<numbered>.jpg`` or
+  ``<root>/<video>/...`` (the class then comes from the split list only).
+- `VideoFileSource`: video files, ``<root>/<class>/<video>.mp4|.webm|.avi|...`` or
+  ``<root>/<video>.<ext>``.
+- `tam_jax.data.tfds_source.TfdsSource`: a split built by `tam_jax.data.tfds_builders`.
+- `tam_jax.data.demo.DemoSource`: the generated demo dataset, rendered in memory.
+
+Paths are looked up as the public codebases lay them out: under the class name as listed, with
+spaces turned into underscores (Kinetics folders come both ways), under the folder a ``//`` list
+line names, and flat under `root`.
+
+`find_usable` checks every item once before training (cheap: it counts frames, from a folder listing
+or the video's metadata), records the bad ones in a `SkipReport` and returns the rest.
+`build_source` makes any source from plain config values.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from tam_jax.data import frames as frames_lib
+from tam_jax.data import videos as videos_lib
+from tam_jax.data.report import SkipReport, VideoError
+from tam_jax.data.splits import VIDEO_SUFFIXES, Split, find_split_files, read_split_list, video_id
+
+SOURCE_KINDS = ("demo", "frames", "videos", "tfds")
+
+
+@runtime_checkable
+class VideoSource(Protocol):
+    """Random access to one split's videos. Must be picklable: loader workers get a copy."""
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Class names of the split; `label(i)` indexes this tuple."""
+
+    def __len__(self) -> int: ...
+
+    def label(self, index: int) -> int:
+        """Class index (within the split) of item `index`."""
+
+    def location(self, index: int) -> str:
+        """Where item `index` lives (a path, or a dataset/split/id string): used in skip reports."""
+
+    def num_frames(self, index: int) -> int:
+        """Number of frames of item `index`. Raises VideoError for a missing or unreadable video."""
+
+    def read(self, index: int, frame_indices: Sequence[int]) -> np.ndarray:
+        """uint8 [len(frame_indices), H, W, 3]; VideoError if missing, unreadable or truncated."""
+
+
+class DirListings:
+    """Cached listings: resolving 70k list lines costs one listdir per folder, not 70k stats."""
+
+    def __init__(self) -> None:
+        self._names: dict[Path, frozenset[str]] = {}
+
+    def exists(self, path: Path) -> bool:
+        names = self._names.get(path.parent)
+        if names is None:
+            try:
+                names = frozenset(os.listdir(path.parent))
+            except OSError:
+                names = frozenset()
+            self._names[path.parent] = names
+        return path.name in names
+
+
+def resolve_video(
+    root: Path, class_name: str, reference: str, kind: str, listings: DirListings | None = None
+) -> tuple[Path | None, Path]:
+    """(path found or None, the most likely path for error messages) of a listed video.
+
+    kind: "frames" (a folder of JPEGs), "videos" (a file with a suffix of `VIDEO_SUFFIXES`) or "any"
+    (either; folders first). Looks under the class name as listed, with spaces as underscores, under
+    the folder a ``//`` line names, and flat under `root`.
+    """
+    listings = listings or DirListings()
+    ref = PurePosixPath(reference)
+    stem = video_id(reference)
+    folders = [class_name, class_name.replace(" ", "_")]
+    stems = []
+    if (
+        len(ref.parts) > 1
+    ):  # A relative path from a ``//`` list: as given, then by its class folder.
+        stems.append(root.joinpath(*ref.parent.parts, stem))
+        folders.append(ref.parent.name)
+    stems += [root / folder / stem for folder in dict.fromkeys(folders)]
+    stems.append(root / stem)
+    files = [s.with_name(s.name + ext) for s in stems for ext in VIDEO_SUFFIXES]
+    candidates = {"frames": stems, "videos": files, "any": stems + files}[kind]
+    found = next((p for p in candidates if listings.exists(p)), None)
+    return found, candidates[0]
+
+
+class _SplitFiles:
+    """A split's items resolved to paths under a root: the part both file sources share."""
+
+    def __init__(self, root: str | Path, split: Split, kind: str):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"Data root {self.root} does not exist or is not a folder.")
+        self.split = split
+        self._what = {"frames": "frame folder", "videos": "video file"}[kind]
+        self._items = split.items()
+        self._labels = np.array([c for _, c in self._items], np.int64)
+        listings = DirListings()
+        resolved = [
+            resolve_video(self.root, split.classes[c], ref, kind, listings)
+            for ref, c in self._items
+        ]
+        self._paths: list[Path | None] = [found for found, _ in resolved]
+        self._expected: list[Path] = [expected for _, expected in resolved]
+        self._num_frames: dict[int, int] = {}
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.split.classes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def label(self, index: int) -> int:
+        return int(self._labels[index])
+
+    def path(self, index: int) -> Path:
+        path = self._paths[index]
+        if path is None:
+            reference, c = self._items[index]
+            raise VideoError(
+                self._expected[index],
+                f"missing: no {self._what} for {self.split.classes[c]}/{reference} "
+                f"under {self.root}",
+            )
+        return path
+
+    def location(self, index: int) -> str:
+        return str(self._paths[index] or self._expected[index])
+
+
+class FrameFolderSource(_SplitFiles):
+    """One split's videos as folders of numbered JPEGs (layouts: see the module docstring)."""
+
+    def __init__(self, root: str | Path, split: Split):
+        super().__init__(root, split, "frames")
+
+    def num_frames(self, index: int) -> int:
+        if index not in self._num_frames:
+            self._num_frames[index] = len(frames_lib.list_frames(self.path(index)))
+        return self._num_frames[index]
+
+    def read(self, index: int, frame_indices: Sequence[int]) -> np.ndarray:
+        return frames_lib.read_frames(self.path(index), frame_indices)
+
+
+class VideoFileSource(_SplitFiles):
+    """One split's videos stored as video files, decoded with PyAV up to the last frame needed."""
+
+    def __init__(self, root: str | Path, split: Split):
+        super().__init__(root, split, "videos")
+
+    def num_frames(self, index: int) -> int:
+        if index not in self._num_frames:
+            self._num_frames[index] = videos_lib.count_frames(self.path(index))
+        return self._num_frames[index]
+
+    def read(self, index: int, frame_indices: Sequence[int]) -> np.ndarray:
+        return videos_lib.read_video(self.path(index), frame_indices, self._num_frames.get(index))
+
+
+def find_usable(
+    source: VideoSource, report: SkipReport, *, num_threads: int = 8, progress: bool = True
+) -> np.ndarray:
+    """Indices int64 [n_usable] of the items whose frames can be counted; the others go to `report`.
+
+    Counting also caches each count in the source, so workers started afterwards do not count again.
+    """
+
+    def check(index: int) -> bool:
+        try:
+            return source.num_frames(index) > 0
+        except VideoError as e:
+            report.add_error(e)
+            return False
+
+    indices = range(len(source))
+    with ThreadPoolExecutor(max(1, num_threads)) as pool:
+        results = pool.map(check, indices)
+        if progress:
+            from tqdm.auto import tqdm
+
+            results = tqdm(results, total=len(source), desc="Checking videos", unit="video")
+        usable = list(results)
+    return np.flatnonzero(np.array(usable, bool)).astype(np.int64)
+
+
+def build_source(
+    kind: str,
+    split: str,
+    *,
+    root: str | Path | None = None,
+    split_dir: str | Path | None = None,
+    split_list: str | Path | None = None,
+    tfds_name: str | None = None,
+    data_dir: str | Path | None = None,
+    demo_options: Mapping[str, Any] | None = None,
+) -> VideoSource:
+    """A source for split "train", "val" or "test" from plain config values.
+
+    kind="demo": the generated dataset; `demo_options` are `DemoConfig` fields (e.g. {"seed": 0}).
+    kind="frames" / "videos": `root` holds the frame folders / video files; the split list is
+      `split_list`, or the file for `split` found in `split_dir` (see `find_split_files`).
+    kind="tfds": `tfds_name` (e.g. "kinetics100_fewshot", "ssv2_fewshot/full") built in `data_dir`.
+    """
+    if kind == "demo":
+        from tam_jax.data.demo import DemoConfig, DemoSource
+
+        return DemoSource(DemoConfig(**(demo_options or {})), split)
+    if kind == "tfds":
+        if not tfds_name:
+            raise ValueError(
+                "build_source(kind='tfds') needs tfds_name, e.g. 'kinetics100_fewshot'."
+            )
+        from tam_jax.data.tfds_source import TfdsSource
+
+        return TfdsSource(tfds_name, split, data_dir=data_dir)
+    if kind not in SOURCE_KINDS:
+        raise ValueError(f"Unknown data source kind {kind!r}; use one of {SOURCE_KINDS}.")
+    if root is None:
+        raise ValueError(f"build_source(kind={kind!r}) needs root: the folder holding the {kind}.")
+    if split_list is None:
+        if split_dir is None:
+            raise ValueError(f"build_source(kind={kind!r}) needs split_list or split_dir.")
+        split_list = find_split_files(split_dir)[split]
+    split_obj = read_split_list(split_list, split)
+    return (
+        FrameFolderSource(root, split_obj) if kind == "frames" else VideoFileSource(root, split_obj)
+    )
