@@ -1,0 +1,13 @@
+"""Something-Something-V2 full (the TAM paper's split, 64/12/24 classes), with the paper's settings.
+
+    python -m tam_jax.main --config=configs/ssv2_full.py:shot=5 --workdir=runs/ssv2_full_5shot \
+        --config.data.root=FRAMES_DIR --config.data.split_dir=SPLIT_LIST_DIR
+
+See `tam_jax.dataset_configs` for what is set and README.md for the data layouts.
+"""
+
+from tam_jax.dataset_configs import paper_config
+
+
+def get_config(arg=None):
+    return paper_config("ssv2_full", arg)

@@ -1,0 +1,165 @@
+"""The default configuration every `configs/*.py` starts from, and the checks run before any compute.
+
+Config files define `get_config(arg)`; `arg` is what follows the colon in `--config=configs/x.py:shot=5`,
+a comma-separated list of `key=value` (see `parse_config_arg`). Every field can then be overridden on the
+command line as `--config.a.b=value`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from tam_jax import fewshot
+
+DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("step", "cosine", "constant")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The paper's settings (Sec. 4.1) for a ResNet-50 on 8-frame, 224-pixel clips, 5-way 1-shot."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "frames"  # "demo" | "frames" | "videos" | "tfds"
+    c.data.root = ""  # folder of frame folders or video files (kind "frames" / "videos")
+    c.data.split_dir = ""  # folder with one list per split, found by "train"/"val"/"test" in its name
+    c.data.tfds_name = ""  # e.g. "kinetics100_fewshot" or "ssv2_fewshot/full" (kind "tfds")
+    c.data.tfds_data_dir = ""  # where `tfds build` wrote it ("" = TFDS's default)
+    c.data.num_frames = 8  # T: TSN segments, one frame each
+    c.data.sampling = "tsn"  # "tsn" (random frame per segment in training, middle at test) | "uniform"
+    c.data.resize = 256  # short side before cropping
+    c.data.image_size = 224  # square crop
+    c.data.square_resize = False  # resize to resize x resize instead of keeping the aspect ratio
+    c.data.flip = True  # random horizontal flips in training (off for Something-Something)
+    c.data.drop_small_classes = False  # leave out classes with fewer than shot + queries videos
+    c.data.num_workers = 0  # grain worker processes for training batches (0: in the main process)
+    c.data.num_threads = 4  # loading threads per process
+    c.data.prefetch = 2  # batches buffered per worker
+    c.data.demo = ml_collections.ConfigDict()  # DemoConfig fields, kind "demo" only
+    c.data.demo.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.arch = "resnet50"  # "tiny" | "resnet18" | "resnet34" | "resnet50"
+    c.model.init_from = ""  # a backbone directory from `python -m tam_jax.tools.import_weights`
+    c.model.dtype = "float32"  # computation dtype: "float32" | "bfloat16" (parameters stay float32)
+    c.model.freeze_bn = False  # BatchNorm keeps its running statistics in training
+
+    c.fewshot = ml_collections.ConfigDict()
+    c.fewshot.way = 5
+    c.fewshot.shot = 1
+    c.fewshot.queries = 5  # queries per class in training and evaluation episodes
+    c.fewshot.temperature = 1.0  # logits = -distance / temperature (Eq. 8 uses 1)
+    c.fewshot.learn_temperature = False
+
+    c.alignment = ml_collections.ConfigDict()
+    c.alignment.method = "tam"  # a scorer of `tam_jax.fewshot.SCORERS`
+    c.alignment.lam = 0.1  # soft-min temperature of Eq. 6
+    c.alignment.bidirectional = False  # add the support->query alignment (TAM only)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 120_000
+    c.train.episodes_per_step = 4  # episodes per train step, sharded over devices (a multiple of them)
+    c.train.optimizer = "sgd"  # "sgd" | "adam"
+    c.train.learning_rate = 0.001
+    c.train.momentum = 0.9
+    c.train.weight_decay = 0.0
+    c.train.schedule = "step"  # "step" (x decay_factor every decay_every_steps) | "cosine" | "constant"
+    c.train.decay_every_steps = 30_000  # the paper's "every 30 epochs" with 1,000-step epochs
+    c.train.decay_factor = 0.1
+    c.train.grad_clip_norm = 0.0  # clip the global gradient norm (0: off)
+    c.train.log_every_steps = 50
+    c.train.checkpoint_every_steps = 1_000
+    c.train.keep_checkpoints = 3  # the latest N are kept, plus the best by validation accuracy
+    c.train.val_every_steps = 5_000  # meta-validation for model selection (0: off)
+    c.train.val_episodes = 1_000
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.split = "test"
+    c.eval.checkpoint = "best"  # "best" (by validation accuracy) | "latest"
+    c.eval.num_episodes = 10_000
+    c.eval.episodes_per_batch = 250
+    c.eval.scorers = ",".join(fewshot.SCORERS)  # comma-separated; all from the same embeddings
+    c.eval.shots = ""  # comma-separated shots to evaluate, e.g. "1,5" ("" = fewshot.shot)
+    c.eval.embed_batch_size = 32  # videos per embedding batch (a multiple of the device count)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.num_devices = 0  # data-parallel devices; 0 = all
+    return c
+
+
+def parse_config_arg(arg: str | None, **allowed) -> dict:
+    """`"shot=5,way=5"` -> {"shot": 5, "way": 5}, each converted to the type of its default in `allowed`.
+
+    Raises ValueError naming an unknown key and listing the known ones.
+    """
+    values = dict(allowed)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in allowed:
+            raise ValueError(
+                f"Unknown config argument {key!r} in {arg!r}; this config takes {', '.join(allowed)}."
+            )
+        default = allowed[key]
+        values[key] = type(default)(value) if default is not None else value
+    return values
+
+
+def csv_values(text: str, convert=str) -> tuple:
+    """`"1,5"` -> (1, 5) with `convert=int`; empty parts are ignored."""
+    return tuple(convert(part.strip()) for part in text.split(",") if part.strip())
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Fail before any compute on a config that cannot run, naming the key and the fix."""
+    data, train = config.data, config.train
+
+    def fail(key: str, message: str):
+        raise ValueError(f"config.{key}: {message}")
+
+    if data.kind not in ("demo", "frames", "videos", "tfds"):
+        fail("data.kind", f"{data.kind!r} is not one of 'demo', 'frames', 'videos', 'tfds'.")
+    if data.kind in ("frames", "videos"):
+        if not data.root:
+            fail("data.root", f"is empty; set --config.data.root=DIR, the folder of your {data.kind}.")
+        if not data.split_dir:
+            fail("data.split_dir", "is empty; set --config.data.split_dir=DIR, the folder of the split "
+                 "lists (one per split, named with train / val / test).")
+        for key in ("root", "split_dir"):
+            if not os.path.isdir(data[key]):
+                fail(f"data.{key}", f"{data[key]!r} is not a folder; point it at an existing one.")
+    if data.kind == "tfds" and not data.tfds_name:
+        fail("data.tfds_name", "is empty; set e.g. --config.data.tfds_name=kinetics100_fewshot.")
+    if data.image_size > data.resize:
+        fail("data.image_size", f"{data.image_size} is larger than data.resize={data.resize}.")
+    if config.model.arch not in ("tiny", "resnet18", "resnet34", "resnet50"):
+        fail("model.arch", f"{config.model.arch!r} is not one of tiny, resnet18, resnet34, resnet50.")
+    if config.model.dtype not in DTYPES:
+        fail("model.dtype", f"{config.model.dtype!r} is not one of {', '.join(DTYPES)}.")
+    if config.model.init_from and not os.path.isdir(config.model.init_from):
+        fail("model.init_from", f"{config.model.init_from!r} is not a folder; create one with "
+             "`python -m tam_jax.tools.import_weights --src FILE --arch ARCH --out DIR`.")
+    if config.alignment.method not in fewshot.SCORERS:
+        fail("alignment.method", f"{config.alignment.method!r} is not one of {', '.join(fewshot.SCORERS)}.")
+    if config.alignment.bidirectional and config.alignment.method != "tam":
+        fail("alignment.bidirectional", "applies to alignment.method='tam' only.")
+    if config.alignment.lam < 0:
+        fail("alignment.lam", f"must be >= 0, got {config.alignment.lam}.")
+    for name in csv_values(config.eval.scorers):
+        if name not in fewshot.SCORERS:
+            fail("eval.scorers", f"{name!r} is not one of {', '.join(fewshot.SCORERS)}.")
+    if train.optimizer not in OPTIMIZERS:
+        fail("train.optimizer", f"{train.optimizer!r} is not one of {', '.join(OPTIMIZERS)}.")
+    if train.schedule not in SCHEDULES:
+        fail("train.schedule", f"{train.schedule!r} is not one of {', '.join(SCHEDULES)}.")
+    if config.fewshot.temperature <= 0:
+        fail("fewshot.temperature", f"must be > 0, got {config.fewshot.temperature}.")
+    for key in ("way", "shot", "queries"):
+        if config.fewshot[key] < 1:
+            fail(f"fewshot.{key}", f"must be >= 1, got {config.fewshot[key]}.")
+    if config.eval.checkpoint not in ("best", "latest"):
+        fail("eval.checkpoint", f"{config.eval.checkpoint!r} is not 'best' or 'latest'.")

@@ -1,0 +1,32 @@
+"""Command-line entry point: `python -m tam_jax.main --config=configs/NAME.py[:args] --workdir=DIR`.
+
+`--mode=train` trains (resuming from DIR), `--mode=eval` evaluates the best (or latest) checkpoint in DIR,
+`--mode=train_and_eval` (the default) does both. Any config field can be overridden as
+`--config.a.b=value`.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py:shot=5.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and results.")
+_MODE = flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval"], "What to run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax and grain log every save and read at INFO
+    from tam_jax import train
+
+    config = _CONFIG.value
+    if _MODE.value in ("train", "train_and_eval"):
+        train.train(config, _WORKDIR.value)
+    if _MODE.value in ("eval", "train_and_eval"):
+        train.evaluate_checkpoint(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,579 @@
+"""Episodic training (Eq. 8): the train state, the data-parallel train step, and the loop.
+
+State: one `TrainState` pytree (step, parameters, BatchNorm statistics, optimiser state) that Orbax saves
+whole. All other randomness is a pure function of (config.seed, episode index): which classes and videos,
+which frames, which crops and flips. So the step alone fixes the data position and the random stream, and a
+resumed run sees exactly the batches an uninterrupted one would have.
+
+Parallelism: one `jax.jit` step over a 1-D `data` mesh; the episodes of a batch are sharded over devices,
+parameters replicated. BatchNorm statistics are computed over the global batch, so 1 device and 8 give the
+same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from tam_jax import checkpoints, evaluate, fewshot, models
+from tam_jax.configuration import csv_values, validate
+
+_log = logging.getLogger(__name__)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a train step changes.
+
+    params: {"embedder": backbone parameters, "log_temperature": scalar (only when learned)}.
+    batch_stats: BatchNorm running statistics of the embedder.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+class StopTraining(Exception):
+    """A NaN or infinite loss: the run stops and keeps its last good checkpoint."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model, optimiser and state.
+
+
+def build_model(config: ml_collections.ConfigDict) -> models.FrameEmbedder:
+    return models.FrameEmbedder(
+        arch=config.model.arch, dtype=jnp.dtype(config.model.dtype), freeze_bn=config.model.freeze_bn
+    )
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+    """A 1-D mesh named "data" over `config.mesh.num_devices` devices (0: all)."""
+    devices = jax.devices()
+    wanted = config.mesh.num_devices or len(devices)
+    if wanted > len(devices):
+        raise ValueError(
+            f"config.mesh.num_devices={wanted} but only {len(devices)} devices are visible; lower it."
+        )
+    return Mesh(np.asarray(devices[:wanted]), ("data",))
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    train = config.train
+    if train.schedule == "step":
+        return optax.exponential_decay(
+            train.learning_rate, train.decay_every_steps, train.decay_factor, staircase=True
+        )
+    if train.schedule == "cosine":
+        return optax.cosine_decay_schedule(train.learning_rate, max(1, train.num_steps))
+    return optax.constant_schedule(train.learning_rate)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """SGD with momentum (the paper) or Adam; weight decay and gradient clipping as configured."""
+    train = config.train
+    parts = []
+    if train.grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(train.grad_clip_norm))
+    if train.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(train.weight_decay))
+    schedule = learning_rate_schedule(config)
+    if train.optimizer == "sgd":
+        parts.append(optax.sgd(schedule, momentum=train.momentum or None))
+    else:
+        parts.append(optax.adam(schedule))
+    return optax.chain(*parts)
+
+
+def initial_variables(config: ml_collections.ConfigDict, model: models.FrameEmbedder) -> dict:
+    """Embedder variables {"params", "batch_stats"}: from `model.init_from` or randomly initialised."""
+    if config.model.init_from:
+        info = models.read_backbone_metadata(config.model.init_from)
+        if info["arch"] != config.model.arch:
+            raise ValueError(
+                f"config.model.init_from={config.model.init_from!r} holds a {info['arch']} backbone "
+                f"but config.model.arch={config.model.arch!r}; make them agree."
+            )
+        _, variables = models.load_backbone(config.model.init_from)
+        return models.embedder_variables_from_backbone(variables)
+    size = config.data.image_size
+    frames = jnp.zeros((1, 1, size, size, 3), jnp.uint8)
+    return model.init(jax.random.key(config.seed), frames, train=False)
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict, model: models.FrameEmbedder, optimizer, mesh: Mesh
+) -> TrainState:
+    """The initial state, replicated over the mesh."""
+    variables = initial_variables(config, model)
+    params = {"embedder": variables["params"]}
+    if config.fewshot.learn_temperature:
+        params["log_temperature"] = jnp.log(jnp.float32(config.fewshot.temperature))
+
+    def init(params, batch_stats):
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=optimizer.init(params),
+        )
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(init, out_shardings=replicated)(params, variables.get("batch_stats", {}))
+
+
+def temperature(params, config: ml_collections.ConfigDict) -> jax.Array:
+    if config.fewshot.learn_temperature:
+        return jnp.exp(params["log_temperature"])
+    return jnp.float32(config.fewshot.temperature)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The train step.
+
+
+def episode_loss(
+    params,
+    batch_stats,
+    batch: dict,
+    *,
+    model: models.FrameEmbedder,
+    config: ml_collections.ConfigDict,
+):
+    """Mean Eq. 8 loss over a batch of episodes.
+
+    Args:
+      batch: {"support": uint8 `[E, way*shot, T, H, W, 3]`, "query": uint8 `[E, Nq, T, H, W, 3]`,
+        "query_labels": int `[E, Nq]`}.
+
+    Returns:
+      (loss, (new batch_stats, {"loss", "accuracy"}))
+    """
+    support, query, labels = batch["support"], batch["query"], batch["query_labels"]
+    episodes, num_support = support.shape[:2]
+    num_query = query.shape[1]
+    # Every frame of every video of the batch goes through the backbone in one call, so BatchNorm sees
+    # the whole global batch.
+    videos = jnp.concatenate([support, query], axis=1).reshape((-1,) + support.shape[2:])
+    features, updates = model.apply(
+        {"params": params["embedder"], "batch_stats": batch_stats},
+        videos,
+        train=True,
+        mutable=["batch_stats"],
+    )
+    features = features.reshape(episodes, num_support + num_query, *features.shape[1:])
+    distances = jax.vmap(
+        functools.partial(
+            fewshot.class_distances,
+            way=config.fewshot.way,
+            shot=config.fewshot.shot,
+            method=config.alignment.method,
+            lam=config.alignment.lam,
+            bidirectional=config.alignment.bidirectional,
+        )
+    )(features[:, num_support:], features[:, :num_support])
+    logits = fewshot.logits_from_distances(distances, temperature(params, config))
+    loss = fewshot.cross_entropy(logits, labels)
+    metrics = {"loss": loss, "accuracy": fewshot.accuracy(logits, labels)}
+    return loss, (updates["batch_stats"], metrics)
+
+
+def make_train_step(config, model, optimizer, mesh: Mesh):
+    """A jitted `(state, batch) -> (state, metrics)`, batch sharded over "data", state replicated."""
+
+    def train_step(state: TrainState, batch: dict):
+        grad_fn = jax.value_and_grad(
+            functools.partial(episode_loss, model=model, config=config), has_aux=True
+        )
+        (_, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics["learning_rate"] = learning_rate_schedule(config)(state.step)
+        new_state = TrainState(state.step + 1, params, batch_stats, opt_state)
+        return new_state, metrics
+
+    replicated = NamedSharding(mesh, P())
+    sharded = NamedSharding(mesh, P("data"))
+    return jax.jit(
+        train_step,
+        in_shardings=(replicated, sharded),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """Host arrays (this process's episodes) -> global arrays sharded over "data" on the first axis."""
+    sharding = NamedSharding(mesh, P("data"))
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data.
+
+
+def clip_spec(config: ml_collections.ConfigDict):
+    from tam_jax.data.clips import ClipSpec
+
+    data = config.data
+    return ClipSpec(
+        num_frames=data.num_frames,
+        resize=data.resize,
+        crop=data.image_size,
+        flip=data.flip,
+        square=data.square_resize,
+        sampling=data.sampling,
+    )
+
+
+def build_source(config: ml_collections.ConfigDict, split: str):
+    from tam_jax.data.sources import build_source as build
+
+    data = config.data
+    return build(
+        data.kind,
+        split,
+        root=data.root or None,
+        split_dir=data.split_dir or None,
+        tfds_name=data.tfds_name or None,
+        data_dir=data.tfds_data_dir or None,
+        demo_options=data.demo.to_dict(),
+    )
+
+
+@dataclasses.dataclass
+class SplitData:
+    """A split's source, the usable items and their labels (after checking every video once)."""
+
+    source: Any
+    items: np.ndarray
+    labels: np.ndarray
+
+
+def prepare_split(config, split: str, report) -> SplitData:
+    """Open a split, check every video once (bad ones go to `report`), and check episodes can be drawn."""
+    from tam_jax.data.episodes import EpisodeSampler
+    from tam_jax.data.sources import find_usable
+
+    source = build_source(config, split)
+    items = find_usable(source, report, num_threads=config.data.num_threads, progress=is_chief())
+    labels = np.array([source.label(int(i)) for i in items], np.int64)
+    try:
+        EpisodeSampler(
+            labels, way=config.fewshot.way, shot=config.fewshot.shot, queries=config.fewshot.queries,
+            seed=config.seed, items=items, class_names=source.class_names,
+            drop_small_classes=config.data.drop_small_classes,
+        )
+    except ValueError as e:
+        raise ValueError(
+            f"The {split} split cannot make {config.fewshot.way}-way {config.fewshot.shot}-shot "
+            f"episodes with {config.fewshot.queries} queries (config.fewshot.*, "
+            f"config.data.drop_small_classes): {e}"
+        ) from e
+    return SplitData(source, items, labels)
+
+
+def is_chief() -> bool:
+    return jax.process_index() == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Embedding and validation.
+
+
+def make_embed_fn(model: models.FrameEmbedder, mesh: Mesh):
+    """A jitted `(variables, frames [B, T, H, W, 3]) -> [B, T, D]` in inference mode, B sharded."""
+    sharded = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+    apply = jax.jit(
+        lambda variables, frames: model.apply(variables, frames, train=False),
+        in_shardings=(replicated, sharded),
+        out_shardings=replicated,
+    )
+    return apply
+
+
+def embedding_variables(state: TrainState) -> dict:
+    return {"params": state.params["embedder"], "batch_stats": state.batch_stats}
+
+
+def embed_split(config, state: TrainState, model, mesh, frames: np.ndarray) -> np.ndarray:
+    """uint8 `[N, T, H, W, 3]` -> float32 `[N, T, D]` with the state's current weights."""
+    apply = make_embed_fn(model, mesh)
+    variables = embedding_variables(state)
+    batch_size = _round_up(config.eval.embed_batch_size, mesh.size)
+    return evaluate.embed_videos(
+        lambda chunk: apply(variables, chunk), frames, batch_size, progress=is_chief()
+    )
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return max(multiple, -(-value // multiple) * multiple)
+
+
+def load_split_frames(config, split_data: SplitData, report):
+    from tam_jax.data.loader import load_split
+
+    arrays = load_split(
+        split_data.source, clip_spec(config), items=split_data.items,
+        num_workers=config.data.num_workers, num_threads=config.data.num_threads,
+        report=report, progress=is_chief(),
+    )
+    return arrays.frames, arrays.labels
+
+
+def validation_accuracy(config, state, model, mesh, frames, labels, scorer: str) -> float:
+    embeddings = embed_split(config, state, model, mesh, frames)
+    per_episode = evaluate.evaluate_cached(
+        embeddings, labels, way=config.fewshot.way, shot=config.fewshot.shot,
+        queries=config.fewshot.queries, num_episodes=config.train.val_episodes,
+        seed=config.seed + 1, scorers=(scorer,), lam=config.alignment.lam,
+        bidirectional=config.alignment.bidirectional,
+        episodes_per_batch=min(config.eval.episodes_per_batch, config.train.val_episodes),
+        progress=False,
+    )
+    return float(np.mean(per_episode[scorer]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop.
+
+
+class _StopSignal:
+    """Turns SIGTERM / SIGINT into a flag the loop checks between steps (then saves and exits)."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _metrics_writer(workdir: str):
+    if not is_chief():
+        return None
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+
+def _log_line(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Train (resuming from the latest checkpoint in `workdir`), validating and checkpointing on the way.
+
+    Writes `workdir/checkpoints/` (Orbax), `workdir/tensorboard/`, `workdir/train_log.jsonl` (one JSON
+    record per logged step) and `workdir/config.json`. Returns the final state.
+    """
+    from tam_jax.data.episodes import EpisodeSampler
+    from tam_jax.data.loader import TrainBatches
+    from tam_jax.data.report import SkipReport
+
+    validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh(config)
+    if config.train.episodes_per_step % mesh.size:
+        raise ValueError(
+            f"config.train.episodes_per_step={config.train.episodes_per_step} must be a multiple of the "
+            f"{mesh.size} devices it is sharded over; change it or config.mesh.num_devices."
+        )
+    report = SkipReport()
+    train_data = prepare_split(config, "train", report)
+    validating = config.train.val_every_steps > 0
+    val_data = prepare_split(config, "val", report) if validating else None
+
+    model = build_model(config)
+    optimizer = make_optimizer(config)
+    state = create_train_state(config, model, optimizer, mesh)
+    manager = checkpoints.CheckpointManager(
+        os.path.join(workdir, "checkpoints"),
+        keep=config.train.keep_checkpoints,
+        save_every=config.train.checkpoint_every_steps,
+    )
+    state = manager.restore_latest(state)
+    start_step = int(state.step)
+    if start_step and is_chief():
+        print(f"Resuming from step {start_step} in {workdir}.")
+    if is_chief():
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    sampler = EpisodeSampler(
+        train_data.labels, way=config.fewshot.way, shot=config.fewshot.shot,
+        queries=config.fewshot.queries, seed=config.seed, items=train_data.items,
+        class_names=train_data.source.class_names,
+        drop_small_classes=config.data.drop_small_classes,
+    )
+    episodes_per_process = config.train.episodes_per_step // jax.process_count()
+    batches = TrainBatches(
+        train_data.source, sampler, clip_spec(config),
+        episodes_per_batch=episodes_per_process, start=start_step,
+        num_batches=config.train.num_steps, num_workers=config.data.num_workers,
+        num_threads=config.data.num_threads, prefetch=config.data.prefetch,
+        process_index=jax.process_index(), process_count=jax.process_count(), report=report,
+    )
+    val_frames = val_labels = None
+    if validating:
+        val_frames, val_labels = load_split_frames(config, val_data, report)
+
+    train_step = make_train_step(config, model, optimizer, mesh)
+    writer = _metrics_writer(workdir)
+    log_path = os.path.join(workdir, "train_log.jsonl")
+    progress = _progress_bar(start_step, config.train.num_steps)
+    last_time, last_step = time.perf_counter(), start_step
+    try:
+        with _StopSignal() as stop:
+            for step in range(start_step, config.train.num_steps):
+                batch = shard_batch(next(batches), mesh)
+                state, metrics = train_step(state, batch)
+                done = step + 1
+                finished = done == config.train.num_steps
+                # One reading of the flag per step, so a signal arriving mid-step is acted on (saved and
+                # stopped) at the end of the next step rather than half-way through this one.
+                stopping = stop.received
+                logging_now = done % config.train.log_every_steps == 0 or finished
+                validating_now = validating and (done % config.train.val_every_steps == 0 or finished)
+                saving_now = manager.should_save(done) or validating_now or finished or bool(stopping)
+                if logging_now or saving_now:
+                    metrics = jax.device_get(metrics)
+                    if not all(math.isfinite(float(v)) for v in metrics.values()):
+                        raise StopTraining(
+                            f"Non-finite training metrics at step {done}: {metrics}. Stopping; the last "
+                            f"good checkpoint in {manager.directory} is kept (latest: "
+                            f"{manager.latest_step()}). Lower config.train.learning_rate or set "
+                            "config.train.grad_clip_norm."
+                        )
+                if logging_now:
+                    now = time.perf_counter()
+                    rate = (done - last_step) * config.train.episodes_per_step / max(now - last_time, 1e-9)
+                    last_time, last_step = now, done
+                    record = {"step": done, **{k: float(v) for k, v in metrics.items()},
+                              "episodes_per_second": rate}
+                    if is_chief():
+                        _log_line(log_path, record)
+                        if writer is not None:
+                            for key, value in record.items():
+                                if key != "step":
+                                    writer.add_scalar(f"train/{key}", value, done)
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}",
+                                         eps=f"{rate:.1f}")
+                val_accuracy = None
+                if validating_now:
+                    val_accuracy = validation_accuracy(
+                        config, state, model, mesh, val_frames, val_labels, config.alignment.method
+                    )
+                    if is_chief():
+                        _log_line(log_path, {"step": done, "val_accuracy": val_accuracy})
+                        if writer is not None:
+                            writer.add_scalar("val/accuracy", val_accuracy, done)
+                    progress.write(f"step {done}: validation accuracy {val_accuracy:.4f}")
+                if saving_now:
+                    manager.save(done, state, val_accuracy=val_accuracy, force=bool(stopping))
+                progress.update(1)
+                if stopping:
+                    progress.write(f"{stopping} received: saved step {done} and stopped.")
+                    break
+    finally:
+        progress.close()
+        batches.close()
+        manager.wait()
+        if writer is not None:
+            writer.close()
+        if len(report):
+            _log.warning("%s", report.summary())
+            if is_chief():
+                print(report.summary())
+    return state
+
+
+def _progress_bar(start: int, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(initial=start, total=total, desc="training", unit="step", dynamic_ncols=True,
+                disable=not is_chief())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation of a trained run.
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    """Restore the best (or latest) checkpoint and evaluate every configured scorer and shot.
+
+    Embeds every video of `config.eval.split` once, runs `config.eval.num_episodes` episodes per shot on
+    the cached embeddings, writes `workdir/results.json` and prints the table. Returns the records.
+    """
+    from tam_jax.data.report import SkipReport
+
+    validate(config)
+    report = SkipReport()
+    split = config.eval.split
+    split_data = prepare_split(config, split, report)
+    mesh = make_mesh(config)
+    model = build_model(config)
+    optimizer = make_optimizer(config)
+    state = create_train_state(config, model, optimizer, mesh)
+    manager = checkpoints.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    which = config.eval.checkpoint
+    step = manager.best_step() if which == "best" else manager.latest_step()
+    if step is None and which == "best":
+        step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(
+            f"No checkpoint in {manager.directory}: train first (--mode=train) with --workdir={workdir}."
+        )
+    state = manager.restore(step, state)
+    frames, labels = load_split_frames(config, split_data, report)
+    embeddings = embed_split(config, state, model, mesh, frames)
+    scorers = csv_values(config.eval.scorers)
+    records = []
+    for shot in csv_values(config.eval.shots, int) or (config.fewshot.shot,):
+        per_scorer = evaluate.evaluate_cached(
+            embeddings, labels, way=config.fewshot.way, shot=shot, queries=config.fewshot.queries,
+            num_episodes=config.eval.num_episodes, seed=config.seed + 2, scorers=scorers,
+            lam=config.alignment.lam, bidirectional=config.alignment.bidirectional,
+            episodes_per_batch=config.eval.episodes_per_batch,
+            class_names=split_data.source.class_names, progress=is_chief(),
+        )
+        records += evaluate.result_records(per_scorer, split=split, way=config.fewshot.way, shot=shot)
+    for record in records:
+        record["checkpoint_step"] = int(step)
+    if is_chief():
+        evaluate.write_results(os.path.join(workdir, "results.json"), records)
+        print(evaluate.format_results(records))
+        if len(report):
+            print(report.summary())
+    return records

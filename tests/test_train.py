@@ -1,0 +1,273 @@
+"""Training and evaluation end to end on a tiny demo dataset: loop, checkpoints, resume, devices, results."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from tam_jax import evaluate, train
+from tam_jax.configuration import validate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_config(name="demo", arg=None):
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def tiny_config(num_steps=6):
+    config = load_config()
+    config.data.demo.videos_per_class = 6
+    config.data.demo.height = 32
+    config.data.demo.width = 32
+    config.data.resize = 28
+    config.data.image_size = 24
+    config.data.num_frames = 4
+    config.data.num_threads = 1
+    config.fewshot.queries = 2
+    config.train.num_steps = num_steps
+    config.train.episodes_per_step = 8
+    config.train.log_every_steps = 1
+    config.train.checkpoint_every_steps = 2
+    config.train.val_every_steps = 3
+    config.train.val_episodes = 20
+    config.eval.num_episodes = 40
+    config.eval.episodes_per_batch = 20
+    config.eval.embed_batch_size = 16
+    return config
+
+
+def flags_for(config):
+    """The command-line overrides that turn configs/demo.py into `config` (scalar fields only)."""
+    base = load_config()
+    overrides = []
+    for section in ("data", "fewshot", "train", "eval", "mesh"):
+        for key, value in config[section].items():
+            if key == "demo":
+                overrides += [f"--config.data.demo.{k}={v}" for k, v in value.items()
+                              if base.data.demo.get(k) != v]
+            elif base[section][key] != value:
+                overrides.append(f"--config.{section}.{key}={value}")
+    return overrides
+
+
+def read_params(workdir, config):
+    mesh = train.make_mesh(config)
+    model = train.build_model(config)
+    optimizer = train.make_optimizer(config)
+    state = train.create_train_state(config, model, optimizer, mesh)
+    from tam_jax.checkpoints import CheckpointManager
+
+    manager = CheckpointManager(os.path.join(workdir, "checkpoints"))
+    step = manager.latest_step()
+    return step, manager.restore(step, state)
+
+
+def test_train_and_evaluate_writes_checkpoints_logs_and_results(tmp_path):
+    config = tiny_config()
+    config.mesh.num_devices = 1
+    config.train.episodes_per_step = 2
+    config.eval.shots = "1,2"
+    train.train(config, str(tmp_path))
+    records = train.evaluate_checkpoint(config, str(tmp_path))
+
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 6 and 3 in steps  # latest kept, and step 3 holds a validation accuracy
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 7))
+    assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
+    assert [r["step"] for r in log if "val_accuracy" in r] == [3, 6]
+    assert list((tmp_path / "tensorboard").iterdir())
+
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written == sorted(written, key=lambda r: (r["split"], r["scorer"], r["way"], r["shot"]))
+    assert {(r["scorer"], r["shot"]) for r in written} == {
+        (s, k) for s in ("tam", "plain_dtw", "diagonal", "mean", "min", "tsn") for k in (1, 2)
+    }
+    for record in records:
+        assert record["split"] == "test" and record["way"] == 5 and record["episodes"] == 40
+        assert 0 <= record["accuracy"] <= 1 and record["ci95"] > 0
+
+
+def test_resume_after_sigterm_ends_where_an_uninterrupted_run_does(tmp_path):
+    config = tiny_config(num_steps=8)
+    config.train.val_every_steps = 0
+    config.train.checkpoint_every_steps = 100  # only the SIGTERM save and the final one
+    config.train.log_every_steps = 1
+    command = [sys.executable, "-m", "tam_jax.main", "--config=configs/demo.py", "--mode=train",
+               *flags_for(config)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+
+    straight = tmp_path / "straight"
+    subprocess.run([*command, f"--workdir={straight}"], cwd=REPO, env=env, check=True, timeout=300,
+                   capture_output=True)
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([*command, f"--workdir={interrupted}"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = interrupted / "train_log.jsonl"
+    deadline = time.monotonic() + 240
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert process.poll() is None, process.stdout.read().decode()
+        assert time.monotonic() < deadline, "training never logged its first steps"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0].decode()
+    assert process.returncode == 0, output
+    assert "SIGTERM received" in output
+    stopped_at, _ = read_params(str(interrupted), config)
+    assert 2 <= stopped_at < 8
+
+    subprocess.run([*command, f"--workdir={interrupted}"], cwd=REPO, env=env, check=True, timeout=300,
+                   capture_output=True)
+    step_a, state_a = read_params(str(straight), config)
+    step_b, state_b = read_params(str(interrupted), config)
+    assert step_a == step_b == 8
+    jax.tree.map(np.testing.assert_array_equal, state_a.params, state_b.params)
+    jax.tree.map(np.testing.assert_array_equal, state_a.opt_state, state_b.opt_state)
+
+
+def one_step(config, batch):
+    mesh = train.make_mesh(config)
+    model = train.build_model(config)
+    optimizer = train.make_optimizer(config)
+    state = train.create_train_state(config, model, optimizer, mesh)
+    step = train.make_train_step(config, model, optimizer, mesh)
+    state, metrics = step(state, train.shard_batch(batch, mesh))
+    return jax.device_get(state.params), jax.device_get(metrics)
+
+
+def synthetic_batch(config, episodes):
+    rng = np.random.default_rng(0)
+    way, shot, queries = config.fewshot.way, config.fewshot.shot, config.fewshot.queries
+    clip = (config.data.num_frames, config.data.image_size, config.data.image_size, 3)
+    return {
+        "support": rng.integers(0, 256, (episodes, way * shot, *clip), dtype=np.uint8),
+        "query": rng.integers(0, 256, (episodes, way * queries, *clip), dtype=np.uint8),
+        "query_labels": np.tile(np.repeat(np.arange(way), queries), (episodes, 1)).astype(np.int32),
+    }
+
+
+def test_eight_devices_give_the_same_step_as_one():
+    assert jax.device_count() == 8, "tests/conftest.py should give 8 CPU devices"
+    config = tiny_config()
+    # Plain SGD: Adam's first step is sign-like and would magnify reduction-order noise in tiny gradients.
+    config.train.optimizer = "sgd"
+    config.train.learning_rate = 0.01
+    batch = synthetic_batch(config, episodes=8)
+    config.mesh.num_devices = 1
+    params_1, metrics_1 = one_step(config, batch)
+    config.mesh.num_devices = 8
+    params_8, metrics_8 = one_step(config, batch)
+    np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_1, params_8)
+
+
+def test_episodes_per_step_must_divide_over_devices(tmp_path):
+    config = tiny_config()
+    config.train.episodes_per_step = 3
+    with pytest.raises(ValueError, match="episodes_per_step"):
+        train.train(config, str(tmp_path))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    config = tiny_config(num_steps=6)
+    config.mesh.num_devices = 1
+    config.train.episodes_per_step = 1
+    config.train.val_every_steps = 0
+    original = train.fewshot.cross_entropy
+    calls = []
+
+    def poisoned(logits, labels):
+        # Traced once per compilation: a NaN loss from the first step on.
+        calls.append(1)
+        return original(logits, labels) * np.nan
+
+    train.train(config.copy_and_resolve_references(), str(tmp_path / "good"))
+    monkeypatch.setattr(train.fewshot, "cross_entropy", poisoned)
+    config.train.num_steps = 8
+    with pytest.raises(train.StopTraining, match="Non-finite"):
+        train.train(config, str(tmp_path / "good"))
+    assert calls
+    step, _ = read_params(str(tmp_path / "good"), config)
+    assert step == 6
+
+
+def test_config_errors_name_the_key_before_any_compute(tmp_path):
+    config = load_config("folder")
+    with pytest.raises(ValueError, match="config.data.root"):
+        validate(config)
+    config = tiny_config()
+    config.fewshot.way = 11  # the demo's test split has 10 classes
+    with pytest.raises(ValueError, match="10"):
+        train.evaluate_checkpoint(config, str(tmp_path))
+    config = tiny_config()
+    config.alignment.method = "otam"
+    with pytest.raises(ValueError, match="config.alignment.method"):
+        validate(config)
+    result = subprocess.run(
+        [sys.executable, "-m", "tam_jax.main", "--config=configs/demo.py", f"--workdir={tmp_path}",
+         "--config.train.no_such_key=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0 and "no_such_key" in result.stderr
+
+
+def test_cached_embeddings_give_the_same_accuracy_as_embedding_each_episode(tmp_path):
+    from tam_jax.data.clips import load_clip
+    from tam_jax.data.episodes import EpisodeSampler
+    from tam_jax.data.report import SkipReport
+
+    config = tiny_config()
+    config.mesh.num_devices = 1
+    mesh = train.make_mesh(config)
+    model = train.build_model(config)
+    state = train.create_train_state(config, model, train.make_optimizer(config), mesh)
+    split = train.prepare_split(config, "test", SkipReport())
+    frames, labels = train.load_split_frames(config, split, SkipReport())
+    embeddings = train.embed_split(config, state, model, mesh, frames)
+    scorers = ("tam", "mean", "tsn")
+    kwargs = dict(way=5, shot=1, queries=2, seed=3, scorers=scorers, lam=0.1, bidirectional=False)
+    cached = evaluate.evaluate_cached(embeddings, labels, num_episodes=6, episodes_per_batch=4,
+                                      progress=False, **kwargs)
+
+    sampler = EpisodeSampler(labels, way=5, shot=1, queries=2, seed=3)
+    variables = train.embedding_variables(state)
+    spec = train.clip_spec(config)
+    for index in range(6):
+        episode = sampler.episode(index)
+        rows = np.concatenate([episode.support.reshape(-1), episode.query])
+        clips = np.stack([load_clip(split.source, int(split.items[r]), spec) for r in rows])
+        features = model.apply(variables, clips, train=False)
+        accuracy = evaluate.episode_accuracies(
+            features[None, :5], features[None, 5:], episode.query_labels[None], way=5, shot=1,
+            scorers=scorers, lam=0.1, bidirectional=False,
+        )
+        for i, name in enumerate(scorers):
+            assert cached[name][index] == pytest.approx(float(accuracy[i, 0]), abs=1e-6)
+
+
+def test_write_results_merges_by_split_scorer_way_and_shot(tmp_path):
+    path = tmp_path / "results.json"
+    first = evaluate.result_records({"tam": np.array([1.0, 0.0]), "mean": np.array([0.5, 0.5])},
+                                    split="test", way=5, shot=1)
+    evaluate.write_results(path, first)
+    second = evaluate.result_records({"tam": np.array([1.0, 1.0, 0.0])}, split="test", way=5, shot=1)
+    merged = evaluate.write_results(path, second)
+    assert [(r["scorer"], r["episodes"]) for r in merged] == [("mean", 2), ("tam", 3)]
+    assert json.loads(path.read_text()) == merged
+    mean, ci95 = evaluate.mean_and_ci95(np.array([1.0, 1.0, 0.0]))
+    assert mean == pytest.approx(2 / 3)
+    assert ci95 == pytest.approx(1.959964 * np.std([1, 1, 0], ddof=1) / np.sqrt(3))
+    assert "66.67" in evaluate.format_results(merged)
