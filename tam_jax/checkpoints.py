@@ -10,14 +10,13 @@ All processes call every method together (Orbax coordinates multi-host saves).
 
 from __future__ import annotations
 
-import logging
+import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-_log = logging.getLogger(__name__)
 _METRIC = "val_accuracy"
 
 
@@ -25,7 +24,7 @@ class CheckpointManager:
     """A thin wrapper of `ocp.CheckpointManager` for one `TrainState` and the data position."""
 
     def __init__(self, directory: str, *, keep: int = 3, save_every: int = 1000):
-        self.directory = directory
+        self.directory = os.path.abspath(directory)  # Orbax needs absolute paths
         self.save_every = save_every
         policy = checkpoint_managers.AnyPreservationPolicy(
             [
@@ -38,7 +37,7 @@ class CheckpointManager:
             ]
         )
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
-        self._manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
     def should_save(self, step: int) -> bool:
         return self.save_every > 0 and step % self.save_every == 0

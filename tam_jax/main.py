@@ -2,7 +2,7 @@
 
 `--mode=train` trains (resuming from DIR), `--mode=eval` evaluates the best (or latest) checkpoint in DIR,
 `--mode=train_and_eval` (the default) does both. Any config field can be overridden as
-`--config.a.b=value`.
+`--config.a.b=value`. Multi-host runs start one such process per host (see `tam_jax.distributed`).
 """
 
 from absl import app, flags, logging
@@ -11,6 +11,14 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py:shot=5.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and results.")
 _MODE = flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval"], "What to run.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Multi-host start-up: auto (when a coordinator is given or SLURM/Cloud TPU/Kubernetes is detected), "
+    "on, or off.",
+)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's coordinator.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Process count (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -19,7 +27,9 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax and grain log every save and read at INFO
-    from tam_jax import train
+    from tam_jax import distributed, train
+
+    distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
     config = _CONFIG.value
     if _MODE.value in ("train", "train_and_eval"):

@@ -300,27 +300,41 @@ def is_chief() -> bool:
 # Embedding and validation.
 
 
+def local_mesh(mesh: Mesh) -> Mesh:
+    """The part of `mesh` on this process's devices, for work each process does alone."""
+    devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    return Mesh(np.asarray(devices), ("data",))
+
+
 def make_embed_fn(model: models.FrameEmbedder, mesh: Mesh):
-    """A jitted `(variables, frames [B, T, H, W, 3]) -> [B, T, D]` in inference mode, B sharded."""
+    """`(variables, frames [B, T, H, W, 3]) -> [B, T, D]` in inference mode, jitted, B sharded over `mesh`
+    (a mesh of this process's devices; host arrays are placed explicitly, as multi-process JAX requires)."""
     sharded = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
-    apply = jax.jit(
-        lambda variables, frames: model.apply(variables, frames, train=False),
-        in_shardings=(replicated, sharded),
-        out_shardings=replicated,
-    )
-    return apply
+    apply = jax.jit(lambda variables, frames: model.apply(variables, frames, train=False))
+
+    def embed(variables, frames):
+        return apply(jax.device_put(variables, replicated), jax.device_put(frames, sharded))
+
+    return embed
 
 
 def embedding_variables(state: TrainState) -> dict:
     return {"params": state.params["embedder"], "batch_stats": state.batch_stats}
 
 
+def _local_copy(tree):
+    """Host copies of replicated (possibly multi-process) arrays: this process's replica of each."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
 def embed_split(config, state: TrainState, model, mesh, frames: np.ndarray) -> np.ndarray:
-    """uint8 `[N, T, H, W, 3]` -> float32 `[N, T, D]` with the state's current weights."""
-    apply = make_embed_fn(model, mesh)
-    variables = embedding_variables(state)
-    batch_size = _round_up(config.eval.embed_batch_size, mesh.size)
+    """uint8 `[N, T, H, W, 3]` -> float32 `[N, T, D]` with the state's current weights, on this process's
+    devices of `mesh`."""
+    here = local_mesh(mesh)
+    apply = make_embed_fn(model, here)
+    variables = jax.device_put(_local_copy(embedding_variables(state)), NamedSharding(here, P()))
+    batch_size = _round_up(config.eval.embed_batch_size, here.size)
     return evaluate.embed_videos(
         lambda chunk: apply(variables, chunk), frames, batch_size, progress=is_chief()
     )
@@ -330,21 +344,63 @@ def _round_up(value: int, multiple: int) -> int:
     return max(multiple, -(-value // multiple) * multiple)
 
 
-def load_split_frames(config, split_data: SplitData, report):
+def load_split_frames(config, split_data: SplitData, report, items: np.ndarray | None = None):
+    """Test-transformed clips of `items` (default: all usable) -> (uint8 `[N, T, H, W, 3]`, labels `[N]`)."""
     from tam_jax.data.loader import load_split
 
     arrays = load_split(
-        split_data.source, clip_spec(config), items=split_data.items,
+        split_data.source, clip_spec(config), items=split_data.items if items is None else items,
         num_workers=config.data.num_workers, num_threads=config.data.num_threads,
         report=report, progress=is_chief(),
     )
     return arrays.frames, arrays.labels
 
 
-def validation_accuracy(config, state, model, mesh, frames, labels, scorer: str) -> float:
-    embeddings = embed_split(config, state, model, mesh, frames)
+@dataclasses.dataclass
+class EvalVideos:
+    """A split prepared for repeated embedding: each process holds and embeds only its share.
+
+    frames: uint8 `[n, T, H, W, 3]`, this process's videos, padded to the same n on every process.
+    labels: int `[N]`, the labels of all readable videos in the gathered order.
+    valid: bool `[P * n]`, which gathered rows are real videos (not padding).
+    """
+
+    frames: np.ndarray
+    labels: np.ndarray
+    valid: np.ndarray
+
+
+def _gather(local: np.ndarray) -> np.ndarray:
+    """Concatenate every process's equally sized `local` along axis 0 (identity on one process)."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local, tiled=True))
+
+
+def load_eval_videos(config, split_data: SplitData, report) -> EvalVideos:
+    """Load this process's share (every P-th usable video) of a split with test transforms."""
+    share = split_data.items[jax.process_index() :: jax.process_count()]
+    frames, labels = load_split_frames(config, split_data, report, items=share)
+    rows = _gather(np.array([len(labels)]))
+    padded = int(rows.max())
+    missing = padded - len(labels)
+    frames = np.concatenate([frames, np.zeros((missing, *frames.shape[1:]), frames.dtype)])
+    labels = _gather(np.concatenate([labels, np.full(missing, -1, labels.dtype)]))
+    return EvalVideos(frames, labels[labels >= 0], labels >= 0)
+
+
+def embed_eval_videos(config, state: TrainState, model, mesh, videos: EvalVideos) -> np.ndarray:
+    """Every process embeds its share once; all gather the result: float32 `[N, T, D]`."""
+    local = embed_split(config, state, model, mesh, videos.frames)
+    return _gather(local)[videos.valid]
+
+
+def validation_accuracy(config, state, model, mesh, videos: EvalVideos, scorer: str) -> float:
+    embeddings = embed_eval_videos(config, state, model, mesh, videos)
     per_episode = evaluate.evaluate_cached(
-        embeddings, labels, way=config.fewshot.way, shot=config.fewshot.shot,
+        embeddings, videos.labels, way=config.fewshot.way, shot=config.fewshot.shot,
         queries=config.fewshot.queries, num_episodes=config.train.val_episodes,
         seed=config.seed + 1, scorers=(scorer,), lam=config.alignment.lam,
         bidirectional=config.alignment.bidirectional,
@@ -445,9 +501,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         num_threads=config.data.num_threads, prefetch=config.data.prefetch,
         process_index=jax.process_index(), process_count=jax.process_count(), report=report,
     )
-    val_frames = val_labels = None
-    if validating:
-        val_frames, val_labels = load_split_frames(config, val_data, report)
+    val_videos = load_eval_videos(config, val_data, report) if validating else None
 
     train_step = make_train_step(config, model, optimizer, mesh)
     writer = _metrics_writer(workdir)
@@ -493,7 +547,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 val_accuracy = None
                 if validating_now:
                     val_accuracy = validation_accuracy(
-                        config, state, model, mesh, val_frames, val_labels, config.alignment.method
+                        config, state, model, mesh, val_videos, config.alignment.method
                     )
                     if is_chief():
                         _log_line(log_path, {"step": done, "val_accuracy": val_accuracy})
@@ -506,6 +560,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 if stopping:
                     progress.write(f"{stopping} received: saved step {done} and stopped.")
                     break
+        if jax.process_count() > 1:
+            # Replicated parameters must be identical on every process; a difference means a bug in
+            # the data split or the step, and would silently corrupt the saved model.
+            from jax.experimental import multihost_utils
+
+            multihost_utils.assert_equal(_local_copy(state.params), "parameters differ between processes")
     finally:
         progress.close()
         batches.close()
@@ -556,8 +616,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> list
             f"No checkpoint in {manager.directory}: train first (--mode=train) with --workdir={workdir}."
         )
     state = manager.restore(step, state)
-    frames, labels = load_split_frames(config, split_data, report)
-    embeddings = embed_split(config, state, model, mesh, frames)
+    videos = load_eval_videos(config, split_data, report)
+    embeddings = embed_eval_videos(config, state, model, mesh, videos)
+    labels = videos.labels
     scorers = csv_values(config.eval.scorers)
     records = []
     for shot in csv_values(config.eval.shots, int) or (config.fewshot.shot,):

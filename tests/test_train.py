@@ -1,13 +1,11 @@
 """Training and evaluation end to end on a tiny demo dataset: loop, checkpoints, resume, devices, results."""
 
-import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -15,72 +13,17 @@ import pytest
 
 from tam_jax import evaluate, train
 from tam_jax.configuration import validate
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_config(name="demo", arg=None):
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+from tests.helpers import REPO, flags_for, load_config, read_params, tiny_config
 
 
-def tiny_config(num_steps=6):
-    config = load_config()
-    config.data.demo.videos_per_class = 6
-    config.data.demo.height = 32
-    config.data.demo.width = 32
-    config.data.resize = 28
-    config.data.image_size = 24
-    config.data.num_frames = 4
-    config.data.num_threads = 1
-    config.fewshot.queries = 2
-    config.train.num_steps = num_steps
-    config.train.episodes_per_step = 8
-    config.train.log_every_steps = 1
-    config.train.checkpoint_every_steps = 2
-    config.train.val_every_steps = 3
-    config.train.val_episodes = 20
-    config.eval.num_episodes = 40
-    config.eval.episodes_per_batch = 20
-    config.eval.embed_batch_size = 16
-    return config
-
-
-def flags_for(config):
-    """The command-line overrides that turn configs/demo.py into `config` (scalar fields only)."""
-    base = load_config()
-    overrides = []
-    for section in ("data", "fewshot", "train", "eval", "mesh"):
-        for key, value in config[section].items():
-            if key == "demo":
-                overrides += [f"--config.data.demo.{k}={v}" for k, v in value.items()
-                              if base.data.demo.get(k) != v]
-            elif base[section][key] != value:
-                overrides.append(f"--config.{section}.{key}={value}")
-    return overrides
-
-
-def read_params(workdir, config):
-    mesh = train.make_mesh(config)
-    model = train.build_model(config)
-    optimizer = train.make_optimizer(config)
-    state = train.create_train_state(config, model, optimizer, mesh)
-    from tam_jax.checkpoints import CheckpointManager
-
-    manager = CheckpointManager(os.path.join(workdir, "checkpoints"))
-    step = manager.latest_step()
-    return step, manager.restore(step, state)
-
-
-def test_train_and_evaluate_writes_checkpoints_logs_and_results(tmp_path):
+def test_train_and_evaluate_writes_checkpoints_logs_and_results(tmp_path, monkeypatch):
     config = tiny_config()
     config.mesh.num_devices = 1
     config.train.episodes_per_step = 2
     config.eval.shots = "1,2"
-    train.train(config, str(tmp_path))
-    records = train.evaluate_checkpoint(config, str(tmp_path))
+    monkeypatch.chdir(tmp_path.parent)  # a relative workdir, as users type it
+    train.train(config, tmp_path.name)
+    records = train.evaluate_checkpoint(config, tmp_path.name)
 
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 6 and 3 in steps  # latest kept, and step 3 holds a validation accuracy

@@ -1,0 +1,116 @@
+"""Seconds for 10,000 5-way 5-shot episodes over cached embeddings, against embedding every episode afresh.
+
+    python benchmarks/evaluate.py [--workdir runs/demo] [--episodes 10000] [--fresh_episodes 40] [--out F]
+
+On the demo's test split (10 classes x 20 videos) with the tiny ResNet of configs/demo.py (the trained
+weights of `--workdir` when given, else random ones: the timing does not depend on them):
+- cached: load every test video once, embed it once, then run all episodes for every scorer
+  (tam, plain_dtw, diagonal, mean, min, tsn) on the cached embeddings;
+- fresh: for each of `--fresh_episodes` episodes, load and embed that episode's 30 videos, then score;
+  the per-episode time is extrapolated to `--episodes`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from tam_jax import checkpoints, evaluate, fewshot, train
+from tam_jax.data.clips import load_clip
+from tam_jax.data.episodes import EpisodeSampler
+from tam_jax.data.report import SkipReport
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def demo_config():
+    spec = importlib.util.spec_from_file_location("demo", REPO / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("shot=5")
+    config.mesh.num_devices = 1
+    return config
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--workdir", default=None, help="a demo training run whose latest weights to use")
+    parser.add_argument("--episodes", type=int, default=10_000)
+    parser.add_argument("--fresh_episodes", type=int, default=40)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    config = demo_config()
+    mesh = train.make_mesh(config)
+    model = train.build_model(config)
+    state = train.create_train_state(config, model, train.make_optimizer(config), mesh)
+    if args.workdir:
+        manager = checkpoints.CheckpointManager(str(Path(args.workdir) / "checkpoints"))
+        state = manager.restore(manager.latest_step(), state)
+    scorers = fewshot.SCORERS
+    way, shot, queries = config.fewshot.way, config.fewshot.shot, config.fewshot.queries
+    split = train.prepare_split(config, "test", SkipReport())
+
+    start = time.perf_counter()
+    frames, labels = train.load_split_frames(config, split, SkipReport())
+    loaded = time.perf_counter()
+    embeddings = train.embed_split(config, state, model, mesh, frames)
+    embedded = time.perf_counter()
+    per_scorer = evaluate.evaluate_cached(
+        embeddings, labels, way=way, shot=shot, queries=queries, num_episodes=args.episodes, seed=0,
+        scorers=scorers, lam=config.alignment.lam, episodes_per_batch=config.eval.episodes_per_batch,
+    )
+    finished = time.perf_counter()
+    cached_total = finished - start
+    cached_parts = {"load": loaded - start, "embed": embedded - loaded, "episodes": finished - embedded}
+
+    sampler = EpisodeSampler(labels, way=way, shot=shot, queries=queries, seed=0)
+    variables = train.embedding_variables(state)
+    spec = train.clip_spec(config)
+    embed = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    score = jax.jit(
+        lambda s, q, y: evaluate.episode_accuracies(
+            s[None], q[None], y[None], way=way, shot=shot, scorers=scorers, lam=config.alignment.lam,
+            bidirectional=False,
+        )
+    )
+
+    def fresh_episode(index):
+        episode = sampler.episode(index)
+        rows = np.concatenate([episode.support.reshape(-1), episode.query])
+        clips = np.stack([load_clip(split.source, int(split.items[r]), spec) for r in rows])
+        features = embed(variables, clips)
+        return score(features[: way * shot], features[way * shot :], episode.query_labels).block_until_ready()
+
+    fresh_episode(0)  # compile
+    start = time.perf_counter()
+    for index in range(1, args.fresh_episodes + 1):
+        fresh_episode(index)
+    fresh_per_episode = (time.perf_counter() - start) / args.fresh_episodes
+    fresh_total = fresh_per_episode * args.episodes
+
+    result = {
+        "episodes": args.episodes,
+        "videos": int(len(labels)),
+        "scorers": list(scorers),
+        "cached_seconds_total": cached_total,
+        "cached_seconds_parts": cached_parts,
+        "fresh_seconds_per_episode": fresh_per_episode,
+        "fresh_seconds_extrapolated": fresh_total,
+        "speedup": fresh_total / cached_total,
+        "accuracy": {name: float(np.mean(v)) for name, v in per_scorer.items()},
+        "backend": jax.default_backend(),
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
