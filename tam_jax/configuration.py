@@ -56,9 +56,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.fewshot.learn_temperature = False
 
     c.alignment = ml_collections.ConfigDict()
-    c.alignment.method = "tam"  # a scorer of `tam_jax.fewshot.SCORERS`
+    c.alignment.method = "tam"  # a scorer of `tam_jax.fewshot.METHODS` ("trn", "cmn": learned heads)
     c.alignment.lam = 0.1  # soft-min temperature of Eq. 6
     c.alignment.bidirectional = False  # add the support->query alignment (TAM only)
+
+    c.head = ml_collections.ConfigDict()  # learned heads of alignment.method "trn" / "cmn" (tam_jax.heads)
+    c.head.dim = 256  # frame projection, relation and saliency width
+    c.head.trn_tuples = 3  # TRN++: ordered frame tuples per scale
+    c.head.cmn_saliencies = 4  # CMN++: learned saliency queries M (the embedding is M * dim wide)
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 120_000
@@ -82,7 +87,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.checkpoint = "best"  # "best" (by validation accuracy) | "latest"
     c.eval.num_episodes = 10_000
     c.eval.episodes_per_batch = 250
-    c.eval.scorers = ",".join(fewshot.SCORERS)  # comma-separated; all from the same embeddings
+    c.eval.scorers = ",".join(fewshot.SCORERS)  # comma-separated; all from the same embeddings (a "trn" /
+    # "cmn" run also scores its own head)
     c.eval.shots = ""  # comma-separated shots to evaluate, e.g. "1,5" ("" = fewshot.shot)
     c.eval.embed_batch_size = 32  # videos per embedding batch (a multiple of the device count)
 
@@ -143,15 +149,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.model.init_from and not os.path.isdir(config.model.init_from):
         fail("model.init_from", f"{config.model.init_from!r} is not a folder; create one with "
              "`python -m tam_jax.tools.import_weights --src FILE --arch ARCH --out DIR`.")
-    if config.alignment.method not in fewshot.SCORERS:
-        fail("alignment.method", f"{config.alignment.method!r} is not one of {', '.join(fewshot.SCORERS)}.")
+    method = config.alignment.method
+    if method not in fewshot.METHODS:
+        fail("alignment.method", f"{method!r} is not one of {', '.join(fewshot.METHODS)}.")
     if config.alignment.bidirectional and config.alignment.method != "tam":
         fail("alignment.bidirectional", "applies to alignment.method='tam' only.")
     if config.alignment.lam < 0:
         fail("alignment.lam", f"must be >= 0, got {config.alignment.lam}.")
     for name in csv_values(config.eval.scorers):
-        if name not in fewshot.SCORERS:
-            fail("eval.scorers", f"{name!r} is not one of {', '.join(fewshot.SCORERS)}.")
+        if name in fewshot.HEAD_SCORERS and name != method:
+            fail("eval.scorers", f"{name!r} needs a head trained with alignment.method={name!r}, but this "
+                 f"run trains {method!r}; remove it or train with --config.alignment.method={name}.")
+        if name not in fewshot.METHODS:
+            fail("eval.scorers", f"{name!r} is not one of {', '.join(fewshot.METHODS)}.")
+    for key in ("dim", "trn_tuples", "cmn_saliencies"):
+        if config.head[key] < 1:
+            fail(f"head.{key}", f"must be >= 1, got {config.head[key]}.")
+    if method == "trn" and config.data.num_frames < 2:
+        fail("data.num_frames", f"must be >= 2 for alignment.method='trn' (TRN++ relates frame tuples), got "
+             f"{config.data.num_frames}.")
     if train.optimizer not in OPTIMIZERS:
         fail("train.optimizer", f"{train.optimizer!r} is not one of {', '.join(OPTIMIZERS)}.")
     if train.schedule not in SCHEDULES:

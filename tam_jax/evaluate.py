@@ -78,6 +78,8 @@ def episode_accuracies(
     scorers: tuple[str, ...],
     lam: float,
     bidirectional: bool,
+    head_support: jax.Array | None = None,
+    head_query: jax.Array | None = None,
 ) -> jax.Array:
     """Per-episode accuracy of each scorer.
 
@@ -85,23 +87,29 @@ def episode_accuracies(
       support: `[E, way*shot, T, D]` features, class-major.
       query: `[E, Nq, T, D]` features.
       labels: `[E, Nq]` int, the episode class of each query.
+      head_support, head_query: `[E, way*shot, F]`, `[E, Nq, F]` learned-head embeddings of the same
+        videos (scorers "trn" / "cmn" only).
 
     Returns:
       `[len(scorers), E]` float32.
     """
 
-    def one_episode(s, q, y):
+    def one_episode(s, q, y, hs, hq):
         distances = fewshot.class_distances_for_scorers(
-            q, s, way=way, shot=shot, scorers=scorers, lam=lam, bidirectional=bidirectional
+            q, s, way=way, shot=shot, scorers=scorers, lam=lam, bidirectional=bidirectional,
+            head_query=hq, head_support=hs,
         )
         return jax.vmap(lambda d: fewshot.accuracy(-d, y))(distances)
 
-    return jax.vmap(one_episode, out_axes=1)(support, query, labels)
+    return jax.vmap(one_episode, out_axes=1)(support, query, labels, head_support, head_query)
 
 
 @functools.partial(jax.jit, static_argnames=("way", "shot", "scorers", "lam", "bidirectional"))
-def _cached_episode_accuracies(embeddings, support_rows, query_rows, labels, **static):
-    return episode_accuracies(embeddings[support_rows], embeddings[query_rows], labels, **static)
+def _cached_episode_accuracies(embeddings, head_embeddings, support_rows, query_rows, labels, **static):
+    heads = {} if head_embeddings is None else {
+        "head_support": head_embeddings[support_rows], "head_query": head_embeddings[query_rows]
+    }
+    return episode_accuracies(embeddings[support_rows], embeddings[query_rows], labels, **heads, **static)
 
 
 def evaluate_cached(
@@ -119,12 +127,15 @@ def evaluate_cached(
     episodes_per_batch: int = 250,
     class_names: Sequence[str] | None = None,
     progress: bool = True,
+    head_embeddings: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Accuracy of every scorer on `num_episodes` episodes drawn from embedded videos.
 
     Args:
       embeddings: `[N, T, D]` features of every video of the split.
       labels: `[N]` int class of each video.
+      head_embeddings: `[N, F]` a learned head's embeddings of the same videos (`tam_jax.heads`), for the
+        scorers "trn" / "cmn".
 
     Returns:
       scorer -> `[num_episodes]` per-episode accuracies (fractions).
@@ -134,6 +145,7 @@ def evaluate_cached(
         labels, way=way, shot=shot, queries=queries, seed=seed, class_names=class_names
     )
     device_embeddings = jnp.asarray(embeddings)
+    device_heads = None if head_embeddings is None else jnp.asarray(head_embeddings)
     static = dict(way=way, shot=shot, scorers=scorers, lam=lam, bidirectional=bidirectional)
     per_scorer = []
     starts = range(0, num_episodes, episodes_per_batch)
@@ -142,7 +154,7 @@ def evaluate_cached(
         indices = np.arange(start, start + episodes_per_batch)
         support, query, episode_labels = episode_index_arrays(sampler, indices)
         accuracies = _cached_episode_accuracies(
-            device_embeddings, support, query, episode_labels, **static
+            device_embeddings, device_heads, support, query, episode_labels, **static
         )
         per_scorer.append(np.asarray(accuracies)[:, : num_episodes - start])
     stacked = np.concatenate(per_scorer, axis=1)

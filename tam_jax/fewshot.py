@@ -2,8 +2,9 @@
 
 Scorers: the alignment methods of `tam_jax.alignment` ("tam", "plain_dtw", "diagonal", "mean", "min"),
 which compare every query video with every support video frame by frame, and "tsn" (TSN++ of Table 1),
-which compares mean-pooled video features. Support videos are ordered class-major: the k shots of
-class c are rows c*k .. c*k + k - 1.
+which compares mean-pooled video features. The learned scorers "trn" and "cmn" (TRN++ and CMN++ of
+Table 1) compare the video embeddings of a trained head (`tam_jax.heads`), passed in as `head_query` and
+`head_support`. Support videos are ordered class-major: the k shots of class c are rows c*k .. c*k + k - 1.
 """
 
 from __future__ import annotations
@@ -15,18 +16,23 @@ import optax
 
 from tam_jax import alignment
 
-SCORERS = (*alignment.METHODS, "tsn")
+SCORERS = (*alignment.METHODS, "tsn")  # need only frame features
+HEAD_SCORERS = ("trn", "cmn")  # need the video embeddings of a learned head (tam_jax.heads)
+METHODS = (*SCORERS, *HEAD_SCORERS)  # every scorer a run can train with (config.alignment.method)
 
 
-def check_scorer(name: str) -> None:
-    """Raise a ValueError naming the valid scorers when `name` is not one of them."""
-    if name not in SCORERS:
-        raise ValueError(f"Unknown scorer {name!r}; valid scorers are {', '.join(SCORERS)}.")
+def check_scorer(name: str, *, learned: bool = False) -> None:
+    """Raise a ValueError naming the valid scorers when `name` is not one of them (`learned`: of METHODS)."""
+    valid = METHODS if learned else SCORERS
+    if name not in valid:
+        raise ValueError(f"Unknown scorer {name!r}; valid scorers are {', '.join(valid)}.")
 
 
 def class_distances(
     query: jax.Array,
     support: jax.Array,
+    head_query: jax.Array | None = None,
+    head_support: jax.Array | None = None,
     *,
     way: int,
     shot: int,
@@ -39,16 +45,21 @@ def class_distances(
     With an alignment method, a class's distance is the mean over its `shot` support videos of the
     query-support video distance (Eq. 8's setting for k > 1). With "tsn", frame features are mean-pooled
     into one vector per video and the distance is 1 - cos(query, mean of the class's support vectors).
+    "trn" does the same with the head's embeddings; "cmn" takes 1 - the largest cosine similarity to the
+    class's support embeddings.
 
     Args:
       query: `[Nq, Tq, D]` frame features.
       support: `[way * shot, Ts, D]` frame features, class-major.
+      head_query, head_support: `[Nq, E]` and `[way * shot, E]` head embeddings of the same videos
+        ("trn" and "cmn" only).
 
     Returns:
       `[Nq, way]` float32 distances.
     """
     return class_distances_for_scorers(
-        query, support, way=way, shot=shot, scorers=(method,), lam=lam, bidirectional=bidirectional
+        query, support, way=way, shot=shot, scorers=(method,), lam=lam, bidirectional=bidirectional,
+        head_query=head_query, head_support=head_support,
     )[0]
 
 
@@ -61,6 +72,8 @@ def class_distances_for_scorers(
     scorers: tuple[str, ...],
     lam: float = 0.1,
     bidirectional: bool = False,
+    head_query: jax.Array | None = None,
+    head_support: jax.Array | None = None,
 ) -> jax.Array:
     """`class_distances` for several scorers at once, sharing one frame-distance computation.
 
@@ -68,7 +81,13 @@ def class_distances_for_scorers(
       `[len(scorers), Nq, way]` float32.
     """
     for name in scorers:
-        check_scorer(name)
+        check_scorer(name, learned=True)
+        if name in HEAD_SCORERS and (head_query is None or head_support is None):
+            raise ValueError(
+                f"Scorer {name!r} compares the embeddings of its learned head: pass head_query and "
+                "head_support (tam_jax.heads.video_embeddings of a run trained with "
+                f"config.alignment.method={name!r})."
+            )
     chex.assert_rank([query, support], 3)
     chex.assert_axis_dimension(support, 0, way * shot)
     num_queries = query.shape[0]
@@ -78,8 +97,13 @@ def class_distances_for_scorers(
         if name == "tsn":
             pooled_query = jnp.mean(query.astype(jnp.float32), axis=1)
             pooled_support = jnp.mean(support.astype(jnp.float32), axis=1)
-            prototypes = jnp.mean(pooled_support.reshape(way, shot, -1), axis=1)
-            results.append(alignment.cosine_distance(pooled_query, prototypes))
+            results.append(prototype_distances(pooled_query, pooled_support, way=way, shot=shot))
+            continue
+        if name == "trn":
+            results.append(prototype_distances(head_query, head_support, way=way, shot=shot))
+            continue
+        if name == "cmn":
+            results.append(nearest_support_distances(head_query, head_support, way=way, shot=shot))
             continue
         if frame_distances is None:  # [Nq, way * shot, Tq, Ts], Eq. 1
             frame_distances = alignment.cosine_distance(query[:, None], support[None])
@@ -88,6 +112,20 @@ def class_distances_for_scorers(
         )
         results.append(jnp.mean(per_video.reshape(num_queries, way, shot), axis=-1))
     return jnp.stack(results)
+
+
+def prototype_distances(query: jax.Array, support: jax.Array, *, way: int, shot: int) -> jax.Array:
+    """1 - cos of each query vector to each class's mean support vector: `[Nq, E]`, `[way*shot, E]` ->
+    `[Nq, way]` (TSN++ and TRN++)."""
+    prototypes = jnp.mean(support.astype(jnp.float32).reshape(way, shot, -1), axis=1)
+    return alignment.cosine_distance(query.astype(jnp.float32), prototypes)
+
+
+def nearest_support_distances(query: jax.Array, support: jax.Array, *, way: int, shot: int) -> jax.Array:
+    """1 - the largest cos of each query vector to a class's support vectors (CMN++'s memory read):
+    `[Nq, E]`, `[way*shot, E]` -> `[Nq, way]`."""
+    per_video = alignment.cosine_distance(query.astype(jnp.float32), support.astype(jnp.float32))
+    return jnp.min(per_video.reshape(query.shape[0], way, shot), axis=-1)
 
 
 def logits_from_distances(distances: jax.Array, temperature: float | jax.Array = 1.0) -> jax.Array:

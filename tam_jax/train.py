@@ -32,7 +32,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tam_jax import checkpoints, evaluate, fewshot, models
+from tam_jax import checkpoints, evaluate, fewshot, heads, models
 from tam_jax.configuration import csv_values, validate
 
 _log = logging.getLogger(__name__)
@@ -42,7 +42,8 @@ _log = logging.getLogger(__name__)
 class TrainState:
     """Everything a train step changes.
 
-    params: {"embedder": backbone parameters, "log_temperature": scalar (only when learned)}.
+    params: {"embedder": backbone parameters, "log_temperature": scalar (only when learned),
+      "head": TRN++ / CMN++ head parameters (only for alignment.method "trn" / "cmn", `tam_jax.heads`)}.
     batch_stats: BatchNorm running statistics of the embedder.
     """
 
@@ -128,6 +129,12 @@ def create_train_state(
     params = {"embedder": variables["params"]}
     if config.fewshot.learn_temperature:
         params["log_temperature"] = jnp.log(jnp.float32(config.fewshot.temperature))
+    head = heads.build_head(config)
+    if head is not None:
+        params["head"] = heads.init_params(
+            head, config.data.num_frames, models.feature_dim(config.model.arch),
+            jax.random.fold_in(jax.random.key(config.seed), 1),
+        )
 
     def init(params, batch_stats):
         return TrainState(
@@ -181,6 +188,10 @@ def episode_loss(
         mutable=["batch_stats"],
     )
     features = features.reshape(episodes, num_support + num_query, *features.shape[1:])
+    head, head_query, head_support = heads.build_head(config), None, None
+    if head is not None:  # TRN++ / CMN++: one embedding per video, [E, N, F] (tam_jax.heads)
+        vectors = heads.video_embeddings(head, params["head"], features)
+        head_query, head_support = vectors[:, num_support:], vectors[:, :num_support]
     distances = jax.vmap(
         functools.partial(
             fewshot.class_distances,
@@ -190,7 +201,7 @@ def episode_loss(
             lam=config.alignment.lam,
             bidirectional=config.alignment.bidirectional,
         )
-    )(features[:, num_support:], features[:, :num_support])
+    )(features[:, num_support:], features[:, :num_support], head_query, head_support)
     logits = fewshot.logits_from_distances(distances, temperature(params, config))
     loss = fewshot.cross_entropy(logits, labels)
     metrics = {"loss": loss, "accuracy": fewshot.accuracy(logits, labels)}
@@ -397,6 +408,21 @@ def embed_eval_videos(config, state: TrainState, model, mesh, videos: EvalVideos
     return _gather(local)[videos.valid]
 
 
+def head_embeddings(config, state: TrainState, embeddings: np.ndarray) -> np.ndarray | None:
+    """The run's learned head applied to cached frame features `[N, T, D]` -> `[N, F]` (None: no head)."""
+    head = heads.build_head(config)
+    return None if head is None else heads.embed_cached(head, _local_copy(state.params["head"]), embeddings)
+
+
+def eval_scorers(config) -> tuple[str, ...]:
+    """`config.eval.scorers`, led by the run's own scorer when it trained a head ("trn" / "cmn")."""
+    scorers = csv_values(config.eval.scorers)
+    method = config.alignment.method
+    if method in fewshot.HEAD_SCORERS and method not in scorers:
+        scorers = (method, *scorers)
+    return scorers
+
+
 def validation_accuracy(config, state, model, mesh, videos: EvalVideos, scorer: str) -> float:
     embeddings = embed_eval_videos(config, state, model, mesh, videos)
     per_episode = evaluate.evaluate_cached(
@@ -405,7 +431,7 @@ def validation_accuracy(config, state, model, mesh, videos: EvalVideos, scorer: 
         seed=config.seed + 1, scorers=(scorer,), lam=config.alignment.lam,
         bidirectional=config.alignment.bidirectional,
         episodes_per_batch=min(config.eval.episodes_per_batch, config.train.val_episodes),
-        progress=False,
+        progress=False, head_embeddings=head_embeddings(config, state, embeddings),
     )
     return float(np.mean(per_episode[scorer]))
 
@@ -591,7 +617,7 @@ def _progress_bar(start: int, total: int):
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-    """Restore the best (or latest) checkpoint and evaluate every configured scorer and shot.
+    """Restore the best (or latest) checkpoint and evaluate every scorer of `eval_scorers` and every shot.
 
     Embeds every video of `config.eval.split` once, runs `config.eval.num_episodes` episodes per shot on
     the cached embeddings, writes `workdir/results.json` and prints the table. Returns the records.
@@ -619,7 +645,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> list
     videos = load_eval_videos(config, split_data, report)
     embeddings = embed_eval_videos(config, state, model, mesh, videos)
     labels = videos.labels
-    scorers = csv_values(config.eval.scorers)
+    vectors = head_embeddings(config, state, embeddings)
+    scorers = eval_scorers(config)
     records = []
     for shot in csv_values(config.eval.shots, int) or (config.fewshot.shot,):
         per_scorer = evaluate.evaluate_cached(
@@ -627,7 +654,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> list
             num_episodes=config.eval.num_episodes, seed=config.seed + 2, scorers=scorers,
             lam=config.alignment.lam, bidirectional=config.alignment.bidirectional,
             episodes_per_batch=config.eval.episodes_per_batch,
-            class_names=split_data.source.class_names, progress=is_chief(),
+            class_names=split_data.source.class_names, progress=is_chief(), head_embeddings=vectors,
         )
         records += evaluate.result_records(per_scorer, split=split, way=config.fewshot.way, shot=shot)
     for record in records:

@@ -275,6 +275,7 @@ def test_pairwise_distance_with_different_frame_counts():
         alignment.min_distance,
         lambda d: alignment.soft_alignment(d, "tam"),
         lambda d: alignment.alignment_path(d, "tam"),
+        lambda d: alignment.cosine_distance(d, d[..., ::-1, :]),
     ],
 )
 def test_jit_and_vmap_agree_with_eager(fn):
