@@ -321,7 +321,8 @@ def alignment_distance(dist: jax.Array, method: str, lam=0.1, bidirectional: boo
     return _scorer(method, lam, bidirectional)(dist)
 
 
-@functools.partial(jax.jit, static_argnames=("method", "bidirectional"))
+# lam is static: 0 selects the hard minimum at trace time.
+@functools.partial(jax.jit, static_argnames=("method", "lam", "bidirectional"))
 def pairwise_distance(
     query: jax.Array,
     support: jax.Array,

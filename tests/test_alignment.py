@@ -257,6 +257,16 @@ def test_pairwise_distance_equals_loop_over_pairs(method, bidirectional):
         np.testing.assert_allclose(got[a, b], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_pairwise_distance_with_hard_minimum():
+    rng = np.random.default_rng(18)
+    query = rng.normal(size=(2, 5, 8)).astype(np.float32)
+    support = rng.normal(size=(3, 5, 8)).astype(np.float32)
+    got = alignment.pairwise_distance(query, support, "tam", 0.0)
+    for a, b in itertools.product(range(2), range(3)):
+        dist = np.asarray(alignment.cosine_distance(query[a], support[b]), np.float64)
+        np.testing.assert_allclose(got[a, b], brute_tam(dist, 0), rtol=1e-5)
+
+
 def test_pairwise_distance_with_different_frame_counts():
     rng = np.random.default_rng(15)
     query = rng.normal(size=(2, 5, 8)).astype(np.float32)

@@ -75,7 +75,12 @@ def gather_frames(
         if not 0 <= i < count:
             raise VideoError(where, f"frame {i} requested but the video holds {count} frames")
         decoded[i] = decode(i)
-    frames = [decoded[int(i)] for i in indices]
+    return stack_frames([decoded[int(i)] for i in indices], where)
+
+
+def stack_frames(frames: Sequence[np.ndarray], where: object) -> np.ndarray:
+    """[H, W, 3] frames -> uint8 [T, H, W, 3]; a video whose frame size changes is a VideoError naming
+    `where` (some real streams change resolution part-way)."""
     shapes = {f.shape for f in frames}
     if len(shapes) != 1:
         raise VideoError(where, f"frames differ in size: {sorted(shapes)}")

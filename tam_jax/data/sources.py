@@ -181,9 +181,15 @@ class VideoFileSource(_SplitFiles):
 
 
 def find_usable(
-    source: VideoSource, report: SkipReport, *, num_threads: int = 8, progress: bool = True
+    source: VideoSource,
+    report: SkipReport,
+    *,
+    indices: Sequence[int] | None = None,
+    num_threads: int = 8,
+    progress: bool = True,
 ) -> np.ndarray:
-    """Indices int64 [n_usable] of the items whose frames can be counted; the others go to `report`.
+    """Indices int64 [n_usable] of the items (of `indices`, default all) whose frames can be counted;
+    the others go to `report`.
 
     Counting also caches each count in the source, so workers started afterwards do not count again.
     """
@@ -195,15 +201,15 @@ def find_usable(
             report.add_error(e)
             return False
 
-    indices = range(len(source))
+    indices = np.arange(len(source)) if indices is None else np.asarray(indices, np.int64)
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
         results = pool.map(check, indices)
         if progress:
             from tqdm.auto import tqdm
 
-            results = tqdm(results, total=len(source), desc="Checking videos", unit="video")
+            results = tqdm(results, total=len(indices), desc="Checking videos", unit="video")
         usable = list(results)
-    return np.flatnonzero(np.array(usable, bool)).astype(np.int64)
+    return indices[np.array(usable, bool)].astype(np.int64)
 
 
 def build_source(

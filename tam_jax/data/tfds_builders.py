@@ -105,6 +105,8 @@ def _encode_video(task: tuple[str | None, str, int, int, int]) -> dict | Skipped
         jpegs = [frames_lib.encode_jpeg(frame, quality) for frame in frames]
     except VideoError as e:
         return Skipped(e.path, e.reason)
+    except Exception as e:  # noqa: BLE001 - one odd file must not end a build of many hours
+        return Skipped(path or expected, f"unexpected error: {e!r}")
     return {"frames": jpegs, "num_source_frames": count}
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tam_jax.data.frames import stack_frames
 from tam_jax.data.report import VideoError
 
 # Metadata frame counts of real videos are often off by a frame or two; a stream that ends this
@@ -107,7 +108,7 @@ def read_video(
             )
         tail = last_frame.to_ndarray(format="rgb24")
         decoded.update({i: tail for i in wanted if i >= count})
-    return np.stack([decoded[int(i)] for i in indices])
+    return stack_frames([decoded[int(i)] for i in indices], path)
 
 
 def write_video(
