@@ -74,11 +74,15 @@ def _soft_min3(a: jax.Array, b: jax.Array, c: jax.Array, lam) -> jax.Array:
     """
     if _is_hard(lam):
         return jnp.where((a <= b) & (a <= c), a, jnp.where(b <= c, b, c))
+    return _soft_min3_with_weights(a, b, c, lam)[0]
+
+
+def _soft_min3_with_weights(a, b, c, lam):
+    """Eq. 6 and its gradient: (soft-min, (d/da, d/db, d/dc)), the weights summing to 1."""
     smallest = jax.lax.stop_gradient(jnp.minimum(a, jnp.minimum(b, c)))
-    total = (
-        jnp.exp((smallest - a) / lam) + jnp.exp((smallest - b) / lam) + jnp.exp((smallest - c) / lam)
-    )
-    return smallest - lam * jnp.log(total)
+    ea, eb, ec = (jnp.exp((smallest - x) / lam) for x in (a, b, c))
+    total = ea + eb + ec
+    return smallest - lam * jnp.log(total), (ea / total, eb / total, ec / total)
 
 
 def _shift_rows(diagonal: jax.Array, offset: int, fill) -> jax.Array:
@@ -91,28 +95,37 @@ def _shift_rows(diagonal: jax.Array, offset: int, fill) -> jax.Array:
 
 @functools.lru_cache(maxsize=64)
 def _diagonal_layout(rows: int, cols: int, vertical_columns: tuple[bool, ...]):
-    """Static tables that lay a `[rows, cols]` matrix out by anti-diagonal: diagonal k holds cell
-    (i, k - i) at position i.
-
-    Returns:
-      row_index, col_index: `[K, rows]` int gather indices (K = rows + cols - 1), clipped into range.
-      valid, can_go_down, is_start: `[K, rows, 1]` bool: the cell exists; a path may enter it from
-        above (its column is one of `vertical_columns`); it is the start (0, 0).
+    """Static masks of a `[rows, cols]` matrix laid out by anti-diagonal: diagonal k holds cell
+    (i, k - i) at position i. Each is `[K, rows, 1]` bool (K = rows + cols - 1): the cell exists; a
+    path may enter it from above (its column is one of `vertical_columns`); it is the start (0, 0).
     """
     diagonals = np.arange(rows + cols - 1)[:, None]
-    row_index = np.broadcast_to(np.arange(rows)[None, :], (rows + cols - 1, rows))
-    col_index = diagonals - row_index
+    col_index = diagonals - np.arange(rows)[None, :]
     valid = (col_index >= 0) & (col_index < cols)
-    col_index = np.clip(col_index, 0, cols - 1)
-    can_go_down = np.asarray(vertical_columns)[col_index] & valid
+    can_go_down = np.asarray(vertical_columns)[np.clip(col_index, 0, cols - 1)] & valid
     is_start = np.zeros_like(valid)
     is_start[0, 0] = True
-    return row_index, col_index, valid[..., None], can_go_down[..., None], is_start[..., None]
+    return valid[..., None], can_go_down[..., None], is_start[..., None]
 
 
-def _accumulate(diagonal_costs: jax.Array, lam, layout_key) -> jax.Array:
-    """The recursion, one anti-diagonal per scan step: `[K, R, B]` costs -> `[K, R, B]` gamma."""
-    _, _, valid, can_go_down, is_start = _diagonal_layout(*layout_key)
+def _skew(cost: jax.Array) -> jax.Array:
+    """`[B, R, C]` -> `[K, R, B]` (K = R + C - 1) with [k, i, b] = cost[b, i, k - i], zero off the matrix.
+
+    Padding each row with R zeros and re-reading the rows with one element less shifts row i right by i:
+    a pad, two reshapes and transposes, cheaper than a gather (and its scatter-add gradient).
+    """
+    batch, rows, cols = cost.shape
+    diagonals = rows + cols - 1
+    by_row = jnp.pad(jnp.transpose(cost, (1, 2, 0)), ((0, 0), (0, rows), (0, 0)))  # [R, C + R, B]
+    flat = by_row.reshape(rows * (cols + rows), batch)[: rows * diagonals]
+    return jnp.transpose(flat.reshape(rows, diagonals, batch), (1, 0, 2))
+
+
+def _accumulate(diagonal_costs: jax.Array, lam, layout_key, with_weights: bool = False):
+    """The recursion, one anti-diagonal per scan step: `[K, R, B]` costs -> `[K, R, B]` gamma, or, with
+    `with_weights`, (gamma of the last cell `[B]`, the soft-min weights of every cell's diagonal,
+    horizontal and vertical predecessors, each `[K, R, B]`)."""
+    valid, can_go_down, is_start = _diagonal_layout(*layout_key)
 
     def step(carry, inputs):
         previous, before_previous = carry  # gamma on diagonals k-1 and k-2, [R, B]
@@ -120,16 +133,19 @@ def _accumulate(diagonal_costs: jax.Array, lam, layout_key) -> jax.Array:
         diagonal_move = _shift_rows(before_previous, 1, _UNREACHABLE)  # from (i-1, j-1)
         horizontal_move = previous  # from (i, j-1)
         vertical_move = jnp.where(vertical_ok, _shift_rows(previous, 1, _UNREACHABLE), _UNREACHABLE)
-        best = _soft_min3(diagonal_move, horizontal_move, vertical_move, lam)
+        if with_weights:
+            best, weights = _soft_min3_with_weights(diagonal_move, horizontal_move, vertical_move, lam)
+        else:
+            best = _soft_min3(diagonal_move, horizontal_move, vertical_move, lam)
         # The path starts at (0, 0), which has no predecessor.
         best = jnp.where(starts_here, 0.0, best)
         current = jnp.where(is_valid, costs + best, _UNREACHABLE)
-        return (current, previous), current
+        return (current, previous), (weights if with_weights else current)
 
     unreachable = jnp.full(diagonal_costs.shape[1:], _UNREACHABLE, diagonal_costs.dtype)
     inputs = (diagonal_costs, valid, can_go_down, is_start)
-    _, gamma = jax.lax.scan(step, (unreachable, unreachable), inputs)
-    return gamma
+    (last, _), outputs = jax.lax.scan(step, (unreachable, unreachable), inputs)
+    return (last[-1], outputs) if with_weights else outputs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -139,44 +155,36 @@ def _soft_accumulate_last(diagonal_costs: jax.Array, lam: float, layout_key) -> 
 
 
 def _soft_accumulate_last_fwd(diagonal_costs, lam, layout_key):
-    gamma = _accumulate(diagonal_costs, lam, layout_key)
-    return gamma[-1, -1], (gamma, diagonal_costs)
+    return _accumulate(diagonal_costs, lam, layout_key, with_weights=True)
 
 
-def _soft_accumulate_last_bwd(lam, layout_key, residuals, cotangent):
+def _soft_accumulate_last_bwd(lam, layout_key, weights, cotangent):
     """Backward recursion of soft DTW (Cuturi & Blondel, 2017), generalised to per-column moves.
 
-    E(p) = d gamma_end / d gamma(p) = sum over successors s of E(s) * exp((best(s) - gamma(p)) / lam),
-    where best(s) = gamma(s) - cost(s) is the soft-min at s; and d gamma_end / d cost(p) = E(p).
+    E(p) = d gamma_end / d gamma(p) = sum over successors s of E(s) * w(s <- p), where w(s <- p) is the
+    soft-min weight s gave p in the forward pass (stored there, so this pass is multiply-adds only);
+    and d gamma_end / d cost(p) = E(p).
     """
-    gamma, diagonal_costs = residuals
-    _, _, valid, can_go_down, _ = _diagonal_layout(*layout_key)
-    best = gamma - diagonal_costs
-
-    def weight(successor_best, predecessor_gamma):
-        # <= 0 up to rounding; the clip keeps unreachable successors (weighted by E = 0) finite.
-        return jnp.exp(jnp.minimum((successor_best - predecessor_gamma) / lam, 0.0))
+    valid = _diagonal_layout(*layout_key)[0]
+    from_diagonal, from_left, from_above = weights  # each [K, R, B], indexed by the successor
+    zeros = jnp.zeros_like(from_left[-1])
 
     def step(carry, inputs):
-        next_e, next_best, next_down, after_next_e, after_next_best = carry  # diagonals k+1, k+2
-        g, b, is_valid, vertical_ok = inputs  # diagonal k
-        horizontal = next_e * weight(next_best, g)  # to (i, j+1)
-        vertical = jnp.where(
-            _shift_rows(next_down, -1, False),
-            _shift_rows(next_e, -1, 0.0) * weight(_shift_rows(next_best, -1, 0.0), g),
-            0.0,
-        )  # to (i+1, j)
-        diagonal = _shift_rows(after_next_e, -1, 0.0) * weight(
-            _shift_rows(after_next_best, -1, 0.0), g
-        )  # to (i+1, j+1)
-        e = jnp.where(is_valid, horizontal + vertical + diagonal, 0.0)
-        return (e, b, vertical_ok, next_e, next_best), e
+        next_e, after_next_e = carry  # E on diagonals k+1 and k+2
+        left_weight, above_weight, diagonal_weight, is_valid = inputs
+        e = (
+            next_e * left_weight  # to (i, j+1)
+            + _shift_rows(next_e * above_weight, -1, 0.0)  # to (i+1, j)
+            + _shift_rows(after_next_e * diagonal_weight, -1, 0.0)  # to (i+1, j+1)
+        )
+        e = jnp.where(is_valid, e, 0.0)
+        return (e, next_e), e
 
-    zeros = jnp.zeros_like(gamma[-1])
     last_e = zeros.at[-1].set(cotangent)
-    init = (last_e, best[-1], can_go_down[-1], zeros, zeros)
-    inputs = (gamma[:-1], best[:-1], valid[:-1], can_go_down[:-1])
-    _, earlier_e = jax.lax.scan(step, init, inputs, reverse=True)
+    # Step k reads the weights of its successors on diagonals k+1 (left, above) and k+2 (diagonal).
+    diagonal_after_next = jnp.concatenate([from_diagonal[2:], zeros[None]], axis=0)
+    inputs = (from_left[1:], from_above[1:], diagonal_after_next, valid[:-1])
+    _, earlier_e = jax.lax.scan(step, (last_e, zeros), inputs, reverse=True)
     return (jnp.concatenate([earlier_e, last_e[None]], axis=0),)
 
 
@@ -186,9 +194,9 @@ _soft_accumulate_last.defvjp(_soft_accumulate_last_fwd, _soft_accumulate_last_bw
 def _dynamic_programme(cost: jax.Array, lam, vertical_columns: np.ndarray) -> jax.Array:
     """Accumulated cost gamma(R-1, C-1) of a monotone alignment through `cost`.
 
-    gamma(i, j) = cost(i, j) + softmin(gamma(i-1, j-1), gamma(i, j-1), [gamma(i-1, j)]), where the vertical
-    predecessor (i-1, j) is allowed only in the columns flagged by `vertical_columns`; gamma(0, 0) =
-    cost(0, 0); cells outside the matrix are unreachable.
+    gamma(i, j) = cost(i, j) + softmin(gamma(i-1, j-1), gamma(i, j-1), [gamma(i-1, j)]), where the
+    vertical predecessor (i-1, j) is allowed only in the columns flagged by `vertical_columns`;
+    gamma(0, 0) = cost(0, 0); cells outside the matrix are unreachable.
 
     A positive Python-number lam uses the analytic backward pass (custom VJP: reverse mode only); lam = 0
     and traced lam use autodiff of the scan.
@@ -203,10 +211,9 @@ def _dynamic_programme(cost: jax.Array, lam, vertical_columns: np.ndarray) -> ja
     """
     _, rows, cols = cost.shape
     layout_key = (rows, cols, tuple(bool(v) for v in vertical_columns))
-    row_index, col_index = _diagonal_layout(*layout_key)[:2]
     # [K, R, B]: the cost of each cell laid out by anti-diagonal, the batch on the fastest axis so that
     # every step is a vector operation over the batch.
-    diagonal_costs = jnp.transpose(cost[:, row_index, col_index], (1, 2, 0))
+    diagonal_costs = _skew(cost)
     if isinstance(lam, (int, float)) and lam > 0:
         return _soft_accumulate_last(diagonal_costs, float(lam), layout_key)
     return _accumulate(diagonal_costs, lam, layout_key)[-1, -1]
