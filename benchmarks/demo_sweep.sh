@@ -15,5 +15,3 @@ run paper_sgd_lr1e-3_t1 --config.train.optimizer=sgd --config.train.learning_rat
 run sgd_lr0.05_t0.1 --config.train.optimizer=sgd --config.train.learning_rate=0.05 --config.fewshot.temperature=0.1
 run adam_lr1e-3_t1 --config.train.optimizer=adam --config.train.learning_rate=0.001 --config.fewshot.temperature=1.0
 run adam_lr1e-3_t0.1 --config.train.optimizer=adam --config.train.learning_rate=0.001 --config.fewshot.temperature=0.1
-run adam_lr3e-3_t0.1 --config.train.optimizer=adam --config.train.learning_rate=0.003 --config.fewshot.temperature=0.1
-run adam_lr1e-3_t0.02 --config.train.optimizer=adam --config.train.learning_rate=0.001 --config.fewshot.temperature=0.02

@@ -36,7 +36,11 @@ class CheckpointManager:
                 ),
             ]
         )
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
+        # best_fn makes Orbax record each step's metrics (read back by `best_step`); which steps are kept
+        # is the preservation policy's decision.
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy, best_fn=lambda metrics: metrics[_METRIC], best_mode="max", create=True
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
     def should_save(self, step: int) -> bool:

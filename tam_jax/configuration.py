@@ -87,8 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.checkpoint = "best"  # "best" (by validation accuracy) | "latest"
     c.eval.num_episodes = 10_000
     c.eval.episodes_per_batch = 250
-    c.eval.scorers = ",".join(fewshot.SCORERS)  # comma-separated; all from the same embeddings (a "trn" /
-    # "cmn" run also scores its own head)
+    c.eval.scorers = ",".join(fewshot.SCORERS)  # comma-separated; all from the same embeddings
     c.eval.shots = ""  # comma-separated shots to evaluate, e.g. "1,5" ("" = fewshot.shot)
     c.eval.embed_batch_size = 32  # videos per embedding batch (a multiple of the device count)
 
@@ -120,8 +119,11 @@ def csv_values(text: str, convert=str) -> tuple:
     return tuple(convert(part.strip()) for part in text.split(",") if part.strip())
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Fail before any compute on a config that cannot run, naming the key and the fix."""
+def validate(config: ml_collections.ConfigDict, training: bool = True) -> None:
+    """Fail before any compute on a config that cannot run, naming the key and the fix.
+
+    `training=False` (evaluating a trained run) does not need the backbone initialisation to exist.
+    """
     data, train = config.data, config.train
 
     def fail(key: str, message: str):
@@ -146,7 +148,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         fail("model.arch", f"{config.model.arch!r} is not one of tiny, resnet18, resnet34, resnet50.")
     if config.model.dtype not in DTYPES:
         fail("model.dtype", f"{config.model.dtype!r} is not one of {', '.join(DTYPES)}.")
-    if config.model.init_from and not os.path.isdir(config.model.init_from):
+    if training and config.model.init_from and not os.path.isdir(config.model.init_from):
         fail("model.init_from", f"{config.model.init_from!r} is not a folder; create one with "
              "`python -m tam_jax.tools.import_weights --src FILE --arch ARCH --out DIR`.")
     method = config.alignment.method
@@ -177,5 +179,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("way", "shot", "queries"):
         if config.fewshot[key] < 1:
             fail(f"fewshot.{key}", f"must be >= 1, got {config.fewshot[key]}.")
+    for key in ("train.log_every_steps", "train.num_steps", "train.episodes_per_step",
+                "eval.num_episodes", "eval.episodes_per_batch", "eval.embed_batch_size"):
+        section, name = key.split(".")
+        if config[section][name] < 1:
+            fail(key, f"must be >= 1, got {config[section][name]}.")
     if config.eval.checkpoint not in ("best", "latest"):
         fail("eval.checkpoint", f"{config.eval.checkpoint!r} is not 'best' or 'latest'.")

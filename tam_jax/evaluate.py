@@ -126,6 +126,7 @@ def evaluate_cached(
     bidirectional: bool = False,
     episodes_per_batch: int = 250,
     class_names: Sequence[str] | None = None,
+    drop_small_classes: bool = False,
     progress: bool = True,
     head_embeddings: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
@@ -142,7 +143,8 @@ def evaluate_cached(
     """
     scorers = tuple(scorers)
     sampler = EpisodeSampler(
-        labels, way=way, shot=shot, queries=queries, seed=seed, class_names=class_names
+        labels, way=way, shot=shot, queries=queries, seed=seed, class_names=class_names,
+        drop_small_classes=drop_small_classes,
     )
     device_embeddings = jnp.asarray(embeddings)
     device_heads = None if head_embeddings is None else jnp.asarray(head_embeddings)

@@ -75,6 +75,11 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
         raise ValueError(
             f"config.mesh.num_devices={wanted} but only {len(devices)} devices are visible; lower it."
         )
+    if jax.process_count() > 1 and wanted != len(devices):
+        raise ValueError(
+            f"config.mesh.num_devices={wanted}: with {jax.process_count()} processes every device takes "
+            "part; set it to 0."
+        )
     return Mesh(np.asarray(devices[:wanted]), ("data",))
 
 
@@ -118,7 +123,8 @@ def initial_variables(config: ml_collections.ConfigDict, model: models.FrameEmbe
         return models.embedder_variables_from_backbone(variables)
     size = config.data.image_size
     frames = jnp.zeros((1, 1, size, size, 3), jnp.uint8)
-    return model.init(jax.random.key(config.seed), frames, train=False)
+    # Jitted: eager initialisation of a ResNet runs op by op and takes many seconds.
+    return jax.jit(model.init, static_argnames="train")(jax.random.key(config.seed), frames, train=False)
 
 
 def create_train_state(
@@ -146,6 +152,16 @@ def create_train_state(
 
     replicated = NamedSharding(mesh, P())
     return jax.jit(init, out_shardings=replicated)(params, variables.get("batch_stats", {}))
+
+
+def abstract_train_state(config, model, optimizer, mesh: Mesh) -> TrainState:
+    """Shapes, dtypes and (replicated) shardings of the train state, without initialising anything: the
+    target a checkpoint is restored into."""
+    fresh = ml_collections.ConfigDict(config.to_dict())
+    fresh.model.init_from = ""  # the checkpoint holds the weights; the initialisation need not exist
+    shapes = jax.eval_shape(lambda: create_train_state(fresh, model, optimizer, mesh))
+    replicated = NamedSharding(mesh, P())
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
 
 
 def temperature(params, config: ml_collections.ConfigDict) -> jax.Array:
@@ -273,34 +289,47 @@ def build_source(config: ml_collections.ConfigDict, split: str):
 
 @dataclasses.dataclass
 class SplitData:
-    """A split's source, the usable items and their labels (after checking every video once)."""
+    """A split's source, its usable items and their labels (after checking every video once), and the
+    episode sampler over them for the configured shot."""
 
     source: Any
     items: np.ndarray
     labels: np.ndarray
+    sampler: Any
 
 
-def prepare_split(config, split: str, report) -> SplitData:
-    """Open a split, check every video once (bad ones go to `report`), and check episodes can be drawn."""
+def prepare_split(config, split: str, report, shots: tuple[int, ...] = ()) -> SplitData:
+    """Open a split, check every video once (bad ones go to `report`), and check that episodes of
+    `config.fewshot.shot` and of every shot in `shots` can be drawn.
+
+    Each process checks every P-th video and the usable set is then shared, so all processes agree on it
+    and each bad video is reported once.
+    """
     from tam_jax.data.episodes import EpisodeSampler
     from tam_jax.data.sources import find_usable
 
     source = build_source(config, split)
-    items = find_usable(source, report, num_threads=config.data.num_threads, progress=is_chief())
+    mine = np.arange(jax.process_index(), len(source), jax.process_count())
+    usable = np.zeros(len(source), bool)
+    usable[find_usable(source, report, indices=mine, num_threads=config.data.num_threads,
+                       progress=is_chief())] = True
+    items = np.flatnonzero(_gather(usable[None]).any(axis=0))
     labels = np.array([source.label(int(i)) for i in items], np.int64)
-    try:
-        EpisodeSampler(
-            labels, way=config.fewshot.way, shot=config.fewshot.shot, queries=config.fewshot.queries,
-            seed=config.seed, items=items, class_names=source.class_names,
-            drop_small_classes=config.data.drop_small_classes,
-        )
-    except ValueError as e:
-        raise ValueError(
-            f"The {split} split cannot make {config.fewshot.way}-way {config.fewshot.shot}-shot "
-            f"episodes with {config.fewshot.queries} queries (config.fewshot.*, "
-            f"config.data.drop_small_classes): {e}"
-        ) from e
-    return SplitData(source, items, labels)
+    samplers = {}
+    for shot in dict.fromkeys((config.fewshot.shot, *shots)):
+        try:
+            samplers[shot] = EpisodeSampler(
+                labels, way=config.fewshot.way, shot=shot, queries=config.fewshot.queries,
+                seed=config.seed, items=items, class_names=source.class_names,
+                drop_small_classes=config.data.drop_small_classes,
+            )
+        except ValueError as e:
+            raise ValueError(
+                f"The {split} split cannot make {config.fewshot.way}-way {shot}-shot episodes with "
+                f"{config.fewshot.queries} queries (config.fewshot.*, config.eval.shots, "
+                f"config.data.drop_small_classes): {e}"
+            ) from e
+    return SplitData(source, items, labels, samplers[config.fewshot.shot])
 
 
 def is_chief() -> bool:
@@ -317,12 +346,18 @@ def local_mesh(mesh: Mesh) -> Mesh:
     return Mesh(np.asarray(devices), ("data",))
 
 
+@functools.lru_cache(maxsize=8)
+def _inference_apply(model: models.FrameEmbedder):
+    """One jitted inference function per model, so repeated validations compile once."""
+    return jax.jit(lambda variables, frames: model.apply(variables, frames, train=False))
+
+
 def make_embed_fn(model: models.FrameEmbedder, mesh: Mesh):
     """`(variables, frames [B, T, H, W, 3]) -> [B, T, D]` in inference mode, jitted, B sharded over `mesh`
     (a mesh of this process's devices; host arrays are placed explicitly, as multi-process JAX requires)."""
     sharded = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
-    apply = jax.jit(lambda variables, frames: model.apply(variables, frames, train=False))
+    apply = _inference_apply(model)
 
     def embed(variables, frames):
         return apply(jax.device_put(variables, replicated), jax.device_put(frames, sharded))
@@ -372,13 +407,13 @@ class EvalVideos:
     """A split prepared for repeated embedding: each process holds and embeds only its share.
 
     frames: uint8 `[n, T, H, W, 3]`, this process's videos, padded to the same n on every process.
-    labels: int `[N]`, the labels of all readable videos in the gathered order.
-    valid: bool `[P * n]`, which gathered rows are real videos (not padding).
+    labels: int `[N]`, the labels of all readable videos, ordered by item (as on one process).
+    rows: int `[N]`, where each of those videos sits among the `[P * n]` gathered rows.
     """
 
     frames: np.ndarray
     labels: np.ndarray
-    valid: np.ndarray
+    rows: np.ndarray
 
 
 def _gather(local: np.ndarray) -> np.ndarray:
@@ -392,20 +427,28 @@ def _gather(local: np.ndarray) -> np.ndarray:
 
 def load_eval_videos(config, split_data: SplitData, report) -> EvalVideos:
     """Load this process's share (every P-th usable video) of a split with test transforms."""
+    from tam_jax.data.loader import load_split
+
     share = split_data.items[jax.process_index() :: jax.process_count()]
-    frames, labels = load_split_frames(config, split_data, report, items=share)
-    rows = _gather(np.array([len(labels)]))
-    padded = int(rows.max())
-    missing = padded - len(labels)
-    frames = np.concatenate([frames, np.zeros((missing, *frames.shape[1:]), frames.dtype)])
-    labels = _gather(np.concatenate([labels, np.full(missing, -1, labels.dtype)]))
-    return EvalVideos(frames, labels[labels >= 0], labels >= 0)
+    arrays = load_split(
+        split_data.source, clip_spec(config), items=share, num_workers=config.data.num_workers,
+        num_threads=config.data.num_threads, report=report, progress=is_chief(),
+    )
+    padded = int(_gather(np.array([len(arrays.items)])).max())
+    missing = padded - len(arrays.items)
+    frames = np.concatenate([arrays.frames, np.zeros((missing, *arrays.frames.shape[1:]), np.uint8)])
+    items = _gather(np.concatenate([arrays.items, np.full(missing, -1, np.int64)]))
+    labels = _gather(np.concatenate([arrays.labels, np.full(missing, -1, arrays.labels.dtype)]))
+    # Episodes index videos by row: order rows by item so that they do not depend on the process count.
+    rows = np.flatnonzero(items >= 0)
+    rows = rows[np.argsort(items[rows], kind="stable")]
+    return EvalVideos(frames, labels[rows], rows)
 
 
 def embed_eval_videos(config, state: TrainState, model, mesh, videos: EvalVideos) -> np.ndarray:
     """Every process embeds its share once; all gather the result: float32 `[N, T, D]`."""
     local = embed_split(config, state, model, mesh, videos.frames)
-    return _gather(local)[videos.valid]
+    return _gather(local)[videos.rows]
 
 
 def head_embeddings(config, state: TrainState, embeddings: np.ndarray) -> np.ndarray | None:
@@ -431,6 +474,7 @@ def validation_accuracy(config, state, model, mesh, videos: EvalVideos, scorer: 
         seed=config.seed + 1, scorers=(scorer,), lam=config.alignment.lam,
         bidirectional=config.alignment.bidirectional,
         episodes_per_batch=min(config.eval.episodes_per_batch, config.train.val_episodes),
+        drop_small_classes=config.data.drop_small_classes,
         progress=False, head_embeddings=head_embeddings(config, state, embeddings),
     )
     return float(np.mean(per_episode[scorer]))
@@ -469,6 +513,22 @@ def _metrics_writer(workdir: str):
     return SummaryWriter(os.path.join(workdir, "tensorboard"))
 
 
+def _any_process(signal_name: str | None) -> str | None:
+    """The signal name if any process received one (a collective: every process must call it)."""
+    received = _gather(np.array([signal_name is not None]))
+    return (signal_name or "a stop signal (on another process)") if received.any() else None
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Drop records after `step` (written before an interruption) so that a resumed log has each step once."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
 def _log_line(path: str, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -480,7 +540,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     Writes `workdir/checkpoints/` (Orbax), `workdir/tensorboard/`, `workdir/train_log.jsonl` (one JSON
     record per logged step) and `workdir/config.json`. Returns the final state.
     """
-    from tam_jax.data.episodes import EpisodeSampler
     from tam_jax.data.loader import TrainBatches
     from tam_jax.data.report import SkipReport
 
@@ -507,21 +566,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     )
     state = manager.restore_latest(state)
     start_step = int(state.step)
-    if start_step and is_chief():
-        print(f"Resuming from step {start_step} in {workdir}.")
+    log_path = os.path.join(workdir, "train_log.jsonl")
     if is_chief():
+        if start_step:
+            print(f"Resuming from step {start_step} in {workdir}.")
+        _truncate_log(log_path, start_step)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
-    sampler = EpisodeSampler(
-        train_data.labels, way=config.fewshot.way, shot=config.fewshot.shot,
-        queries=config.fewshot.queries, seed=config.seed, items=train_data.items,
-        class_names=train_data.source.class_names,
-        drop_small_classes=config.data.drop_small_classes,
-    )
     episodes_per_process = config.train.episodes_per_step // jax.process_count()
     batches = TrainBatches(
-        train_data.source, sampler, clip_spec(config),
+        train_data.source, train_data.sampler, clip_spec(config),
         episodes_per_batch=episodes_per_process, start=start_step,
         num_batches=config.train.num_steps, num_workers=config.data.num_workers,
         num_threads=config.data.num_threads, prefetch=config.data.prefetch,
@@ -531,7 +586,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
     train_step = make_train_step(config, model, optimizer, mesh)
     writer = _metrics_writer(workdir)
-    log_path = os.path.join(workdir, "train_log.jsonl")
     progress = _progress_bar(start_step, config.train.num_steps)
     last_time, last_step = time.perf_counter(), start_step
     try:
@@ -541,10 +595,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 state, metrics = train_step(state, batch)
                 done = step + 1
                 finished = done == config.train.num_steps
-                # One reading of the flag per step, so a signal arriving mid-step is acted on (saved and
-                # stopped) at the end of the next step rather than half-way through this one.
-                stopping = stop.received
                 logging_now = done % config.train.log_every_steps == 0 or finished
+                # One reading of the flag per step, so a signal arriving mid-step is acted on (saved and
+                # stopped) at the end of the next step rather than half-way through this one. Processes
+                # must stop at the same step: with several, they agree at logging steps.
+                stopping = stop.received
+                if jax.process_count() > 1:
+                    stopping = _any_process(stopping) if logging_now else None
                 validating_now = validating and (done % config.train.val_every_steps == 0 or finished)
                 saving_now = manager.should_save(done) or validating_now or finished or bool(stopping)
                 if logging_now or saving_now:
@@ -579,12 +636,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                         _log_line(log_path, {"step": done, "val_accuracy": val_accuracy})
                         if writer is not None:
                             writer.add_scalar("val/accuracy", val_accuracy, done)
-                    progress.write(f"step {done}: validation accuracy {val_accuracy:.4f}")
+                        progress.write(f"step {done}: validation accuracy {val_accuracy:.4f}")
                 if saving_now:
                     manager.save(done, state, val_accuracy=val_accuracy, force=bool(stopping))
                 progress.update(1)
                 if stopping:
-                    progress.write(f"{stopping} received: saved step {done} and stopped.")
+                    if is_chief():
+                        progress.write(f"{stopping} received: saved step {done} and stopped.")
                     break
         if jax.process_count() > 1:
             # Replicated parameters must be identical on every process; a difference means a bug in
@@ -624,14 +682,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> list
     """
     from tam_jax.data.report import SkipReport
 
-    validate(config)
+    validate(config, training=False)
     report = SkipReport()
     split = config.eval.split
-    split_data = prepare_split(config, split, report)
+    shots = csv_values(config.eval.shots, int) or (config.fewshot.shot,)
+    split_data = prepare_split(config, split, report, shots=shots)
     mesh = make_mesh(config)
     model = build_model(config)
-    optimizer = make_optimizer(config)
-    state = create_train_state(config, model, optimizer, mesh)
+    target = abstract_train_state(config, model, make_optimizer(config), mesh)
     manager = checkpoints.CheckpointManager(os.path.join(workdir, "checkpoints"))
     which = config.eval.checkpoint
     step = manager.best_step() if which == "best" else manager.latest_step()
@@ -641,20 +699,22 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> list
         raise FileNotFoundError(
             f"No checkpoint in {manager.directory}: train first (--mode=train) with --workdir={workdir}."
         )
-    state = manager.restore(step, state)
+    state = manager.restore(step, target)
+    manager.close()
     videos = load_eval_videos(config, split_data, report)
     embeddings = embed_eval_videos(config, state, model, mesh, videos)
     labels = videos.labels
     vectors = head_embeddings(config, state, embeddings)
     scorers = eval_scorers(config)
     records = []
-    for shot in csv_values(config.eval.shots, int) or (config.fewshot.shot,):
+    for shot in shots:
         per_scorer = evaluate.evaluate_cached(
             embeddings, labels, way=config.fewshot.way, shot=shot, queries=config.fewshot.queries,
             num_episodes=config.eval.num_episodes, seed=config.seed + 2, scorers=scorers,
             lam=config.alignment.lam, bidirectional=config.alignment.bidirectional,
             episodes_per_batch=config.eval.episodes_per_batch,
             class_names=split_data.source.class_names, progress=is_chief(), head_embeddings=vectors,
+            drop_small_classes=config.data.drop_small_classes,
         )
         records += evaluate.result_records(per_scorer, split=split, way=config.fewshot.way, shot=shot)
     for record in records:

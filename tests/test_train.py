@@ -30,7 +30,12 @@ def test_train_and_evaluate_writes_checkpoints_logs_and_results(tmp_path, monkey
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 7))
     assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
-    assert [r["step"] for r in log if "val_accuracy" in r] == [3, 6]
+    validations = {r["step"]: r["val_accuracy"] for r in log if "val_accuracy" in r}
+    assert sorted(validations) == [3, 6]
+    from tam_jax.checkpoints import CheckpointManager
+
+    best = CheckpointManager(str(tmp_path / "checkpoints")).best_step()
+    assert validations[best] == max(validations.values())
     assert list((tmp_path / "tensorboard").iterdir())
 
     written = json.loads((tmp_path / "results.json").read_text())

@@ -1,0 +1,127 @@
+"""Classify new videos among classes given by a few example clips: the command line of `tam_jax.classifier`.
+
+    python -m tam_jax.predict --checkpoint runs/demo --support support/ --query a.mp4 frames_of_b/ \
+        [--json predictions.json] [--save-support support.npz]
+    python -m tam_jax.predict --checkpoint runs/demo --support-cache support.npz --query c.mp4
+
+`--checkpoint` is a training workdir (its best checkpoint) or one `WORKDIR/checkpoints/<step>` folder.
+`--support` holds `<class>/<clip>` entries (video files or frame folders, 1..k per class). Prints each
+query's classes by ascending distance; `--json` writes
+
+    {"predictions": [{"query": PATH, "ranking": [{"class": NAME, "distance": D}, ...]}, ...],
+     "errors": [{"path": PATH, "error": MESSAGE}, ...]}
+
+Unreadable clips (queries, or support clips of a class that has other readable ones) go to "errors" and
+stderr and the rest is still classified (exit status 0). A support class without one readable clip, a
+support cache made with another architecture, frame count or weights, or a bad checkpoint is a fatal
+error (status 1) whose message says what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tam_jax import fewshot
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tam_jax.predict", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", required=True,
+                        help="training workdir (its best checkpoint) or a WORKDIR/checkpoints/<step> folder")
+    support = parser.add_mutually_exclusive_group(required=True)
+    support.add_argument("--support", help="folder of <class>/<clip> entries (video files or frame folders)")
+    support.add_argument("--support-cache", help="support embeddings written by --save-support")
+    parser.add_argument("--query", nargs="+", default=[], metavar="PATH",
+                        help="video files or frame folders to classify")
+    parser.add_argument("--json", metavar="OUT", help="write predictions and errors as JSON")
+    parser.add_argument("--save-support", metavar="FILE", help="write the support embeddings (.npz)")
+    parser.add_argument("--method", choices=fewshot.SCORERS, help="scorer (default: the checkpoint's)")
+    parser.add_argument("--lam", type=float, help="soft-min temperature, 0: hard (default: the checkpoint's)")
+    parser.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=None,
+                        help="add the support->query alignment, TAM only (default: the checkpoint's)")
+    parser.add_argument("--top", type=int, default=5, help="classes printed per query (all are in --json)")
+    parser.add_argument("--devices", type=int, default=1, help="devices to embed on (0: all)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.save_support and not args.support:
+        parser.error("--save-support needs --support (the embeddings to save).")
+    if not args.query and not args.save_support:
+        parser.error("give --query PATH... (or --save-support FILE to only embed the support set).")
+    return args
+
+
+def format_predictions(result, top: int) -> str:
+    """Text lines: each query, then its `top` nearest classes with their distances."""
+    lines = []
+    for prediction in result.predictions:
+        lines.append(prediction.query)
+        width = max(len(name) for name, _ in prediction.ranking[:top])
+        for place, (name, distance) in enumerate(prediction.ranking[:top], 1):
+            lines.append(f"  {place:>3}. {name:<{width}}  {distance:.4f}")
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> None:
+    """Write JSON atomically (a finished file or none)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Classify as `args` say; returns the JSON payload. Raises on fatal errors."""
+    from tam_jax.classifier import FewShotClassifier, SupportSet
+
+    classifier = FewShotClassifier.from_checkpoint(
+        args.checkpoint, num_devices=args.devices, method=args.method, lam=args.lam,
+        bidirectional=args.bidirectional, progress=not args.no_progress,
+    )
+    classifier.fit(SupportSet.load(args.support_cache) if args.support_cache else args.support)
+    for error in classifier.support_errors:
+        print(f"warning: support clip left out: {error.path}: {error.error}", file=sys.stderr)
+    if args.save_support:
+        Path(args.save_support).parent.mkdir(parents=True, exist_ok=True)
+        classifier.support.save(args.save_support)
+        print(f"Support embeddings of {len(classifier.support.class_names)} classes written to "
+              f"{args.save_support}", file=sys.stderr)
+    payload = {"predictions": [], "errors": [e.to_json() for e in classifier.support_errors]}
+    if args.query:
+        result = classifier.predict(args.query)
+        for error in result.errors:
+            print(f"error: query not classified: {error.path}: {error.error}", file=sys.stderr)
+        if result.predictions:
+            print(format_predictions(result, args.top))
+        payload["predictions"] = result.to_json()["predictions"]
+        payload["errors"] += result.to_json()["errors"]
+    return payload
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+    from tam_jax.classifier import CheckpointMismatchError, SupportError
+
+    try:
+        payload = run(args)
+    except (FileNotFoundError, SupportError, CheckpointMismatchError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        write_json(args.json, payload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

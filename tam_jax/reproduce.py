@@ -1,0 +1,296 @@
+"""Reproduce the paper's comparisons: Table 1 (TSN++, CMN++, TRN++, TAM), Table 2 (scorers on TAM's features).
+
+    python -m tam_jax.reproduce --config=configs/demo.py --workdir=runs/tables --table=1
+    python -m tam_jax.reproduce --config=configs/kinetics.py --workdir=runs/kinetics --table=2 \\
+        --config.data.root=FRAMES_DIR --config.data.split_dir=SPLIT_LIST_DIR
+
+Table 1 trains one run per method and shot, in `DIR/<method>_<shot>shot`, and scores each with its own
+scorer. Table 2 trains one TAM run per shot (the same `DIR/tam_<shot>shot` as Table 1's) and scores it with
+every alignment scorer from the same embeddings. Runs use `tam_jax.train.train` (a run already in DIR
+resumes, a finished one is left alone, one trained with another config is an error naming the keys) and
+`tam_jax.train.evaluate_checkpoint` (records already in the run's `results.json` for the same checkpoint
+and episode count are reused). The table goes to `DIR/table<N>.md` and `DIR/table<N>.csv`: our accuracy in
+percent with its 95% interval, beside the published number where the dataset is the paper's (Kinetics-100
+or Something-Something-V2 full, from `config.data.tfds_name` or `--paper`) and that number was verified.
+`--shots` and `--methods` narrow the table; every `--config.a.b=value` override applies to every run.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from tam_jax import fewshot
+from tam_jax.configuration import csv_values
+
+# (scorer, the paper's row label), in the paper's order.
+TABLE1 = (("tsn", "TSN++"), ("cmn", "CMN++"), ("trn", "TRN++"), ("tam", "TAM"))
+TABLE2 = (
+    ("min", "Min"), ("mean", "Mean"), ("diagonal", "Diagonal"), ("plain_dtw", "Plain DTW"), ("tam", "TAM")
+)
+
+PAPER = "Cao et al., Few-Shot Video Classification via Temporal Alignment, CVPR 2020"
+# Published 5-way accuracies (%) per dataset: {scorer: (1-shot, 5-shot)}. Only numbers we could check are
+# listed (see PUBLISHED_NOTE); TAM's are Table 1's, and Table 2's TAM row is the same model.
+PUBLISHED = {
+    "kinetics": ("Kinetics-100", {"tam": (73.0, 85.8)}),
+    "ssv2_full": ("Something-Something-V2 full", {"tam": (42.8, 52.3)}),
+}
+PUBLISHED_NOTE = (
+    "Published numbers: TAM from the paper's Table 1. Other rows are left blank: their published values "
+    "could not be verified against the paper here."
+)
+# config.data.tfds_name -> PUBLISHED key (the dataset configs set it even when reading frame folders).
+DATASET_OF_TFDS_NAME = {"kinetics100_fewshot": "kinetics", "ssv2_fewshot/full": "ssv2_full"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One table entry: a scorer's accuracy at one shot, from one run."""
+
+    scorer: str
+    shot: int
+    accuracy: float  # fraction
+    ci95: float  # half-width of the 95% interval, fraction
+    episodes: int
+    checkpoint_step: int
+    workdir: str
+
+
+def dataset_key(config: ml_collections.ConfigDict, paper: str = "auto") -> str | None:
+    """Which published dataset the numbers compare with: `paper` ("kinetics", "ssv2_full", "none") or, for
+    "auto", the one `config.data.tfds_name` names (None: no published numbers)."""
+    if paper == "auto":
+        return DATASET_OF_TFDS_NAME.get(config.data.tfds_name)
+    if paper == "none":
+        return None
+    if paper not in PUBLISHED:
+        raise ValueError(f"--paper={paper!r} is not one of auto, none, {', '.join(PUBLISHED)}.")
+    return paper
+
+
+def run_config(base: ml_collections.ConfigDict, method: str, shot: int, scorers) -> ml_collections.ConfigDict:
+    """`base` set up to train `method` at `shot` and evaluate `scorers` at that shot."""
+    config = base.copy_and_resolve_references()
+    config.alignment.method = method
+    config.alignment.bidirectional = base.alignment.bidirectional and method == "tam"
+    config.fewshot.shot = shot
+    config.eval.shots = ""
+    config.eval.scorers = ",".join(s for s in scorers if s not in fewshot.HEAD_SCORERS or s == method)
+    return config
+
+
+# Config keys that do not change what a run learns; every other key of these sections must match the
+# `config.json` of a run that is resumed or reused (num_steps may grow: the run then trains on).
+_TRAINING_SECTIONS = ("seed", "data", "model", "fewshot", "alignment", "head", "train")
+_FREE_KEYS = {
+    "data.num_workers", "data.num_threads", "data.prefetch", "train.num_steps", "train.log_every_steps",
+    "train.checkpoint_every_steps", "train.keep_checkpoints", "train.val_every_steps", "train.val_episodes",
+}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_same_training(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Raise a ValueError naming the keys when the run in `workdir` was trained with another config."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = _flatten(json.load(f))
+    now = _flatten(json.loads(config.to_json_best_effort()))
+    sections = set(_TRAINING_SECTIONS)
+    if config.alignment.method not in fewshot.HEAD_SCORERS:
+        sections.discard("head")  # only TRN++ / CMN++ runs have a head
+    differ = sorted(
+        k for k in now.keys() & saved.keys()
+        if k.split(".")[0] in sections and k not in _FREE_KEYS and now[k] != saved[k]
+    )
+    if differ:
+        changes = ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in differ)
+        raise ValueError(
+            f"The run in {workdir} was trained with {changes}. Use another --workdir for the new config, "
+            "or delete that run folder to retrain it."
+        )
+
+
+def _checkpoint_steps(workdir: str, which: str) -> tuple[int | None, int | None]:
+    """(latest step, the step `train.evaluate_checkpoint` restores for `eval.checkpoint=which`)."""
+    from tam_jax.checkpoints import CheckpointManager
+
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return None, None
+    manager = CheckpointManager(os.path.join(workdir, "checkpoints"))
+    try:
+        latest = manager.latest_step()
+        best = manager.best_step() if which == "best" else None
+    finally:
+        manager.close()
+    return latest, latest if best is None else best
+
+
+def _saved_records(config, workdir: str, scorers, step: int) -> dict[str, dict] | None:
+    """`results.json` records of every scorer for this run's split, way, shot, episodes and checkpoint."""
+    path = os.path.join(workdir, "results.json")
+    if jax.process_count() > 1 or not os.path.exists(path):  # only process 0 writes results.json
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    wanted = dict(split=config.eval.split, way=config.fewshot.way, shot=config.fewshot.shot,
+                  episodes=config.eval.num_episodes, checkpoint_step=step)
+    found = {r["scorer"]: r for r in saved if all(r.get(k) == v for k, v in wanted.items())}
+    return found if all(s in found for s in scorers) else None
+
+
+def train_and_score(config: ml_collections.ConfigDict, workdir: str, scorers) -> dict[str, Cell]:
+    """Train (or resume, or skip when finished) the run in `workdir`, then evaluate `scorers` (or reuse the
+    saved records of the same checkpoint). Returns scorer -> Cell."""
+    from tam_jax import train
+
+    check_same_training(config, workdir)
+    latest, _ = _checkpoint_steps(workdir, config.eval.checkpoint)
+    if latest is None or latest < config.train.num_steps:
+        train.train(config, workdir)
+    _, step = _checkpoint_steps(workdir, config.eval.checkpoint)
+    records = _saved_records(config, workdir, scorers, step)
+    if records is None:
+        records = {r["scorer"]: r for r in train.evaluate_checkpoint(config, workdir)}
+    return {
+        s: Cell(s, records[s]["shot"], records[s]["accuracy"], records[s]["ci95"], records[s]["episodes"],
+                records[s]["checkpoint_step"], workdir)
+        for s in scorers
+    }
+
+
+def table_rows(table: int, methods=()) -> tuple[tuple[str, str], ...]:
+    """(scorer, label) rows of Table `table`, restricted to `methods` when given (in the paper's order)."""
+    rows = {1: TABLE1, 2: TABLE2}[table]
+    unknown = set(methods) - {s for s, _ in rows}
+    if unknown:
+        raise ValueError(f"--methods: {sorted(unknown)} are not rows of Table {table} "
+                         f"({', '.join(s for s, _ in rows)}).")
+    return tuple(r for r in rows if not methods or r[0] in methods)
+
+
+def reproduce(base: ml_collections.ConfigDict, workdir: str, *, table: int, shots=(1, 5), methods=(),
+              paper: str = "auto") -> dict[tuple[str, int], Cell]:
+    """Train and evaluate every run Table `table` needs, write `workdir/table<table>.md` and `.csv`, and
+    return (scorer, shot) -> Cell."""
+    from tam_jax import train
+
+    rows = table_rows(table, methods)
+    cells = {}
+    for shot in shots:
+        if table == 1:
+            for scorer, _ in rows:
+                run_dir = os.path.join(workdir, f"{scorer}_{shot}shot")
+                config = run_config(base, scorer, shot, (scorer,))
+                cells[(scorer, shot)] = train_and_score(config, run_dir, (scorer,))[scorer]
+        else:
+            scorers = tuple(s for s, _ in rows)
+            config = run_config(base, "tam", shot, scorers)
+            run = train_and_score(config, os.path.join(workdir, f"tam_{shot}shot"), scorers)
+            cells.update({(scorer, shot): cell for scorer, cell in run.items()})
+    if train.is_chief():
+        key = dataset_key(base, paper)
+        write_table(workdir, table, rows, shots, cells, key)
+        print(format_markdown(table, rows, shots, cells, key))
+    return cells
+
+
+def _published(key: str | None, scorer: str, shot: int) -> float | None:
+    if key is None:
+        return None
+    pair = PUBLISHED[key][1].get(scorer)
+    return None if pair is None or shot not in (1, 5) else pair[0 if shot == 1 else 1]
+
+
+def _percent(value: float | None, digits: int = 1) -> str:
+    return "" if value is None else f"{100 * value:.{digits}f}"
+
+
+def format_markdown(table: int, rows, shots, cells: dict, key: str | None) -> str:
+    """The table laid out like the paper's: one row per method, per shot our accuracy ± 95% interval
+    (percent) and, for the paper's datasets, the published number."""
+    some = next(iter(cells.values()))
+    what = {1: "methods", 2: "scorers on the same TAM-trained features"}[table]
+    lines = [f"# Table {table}: 5-way few-shot accuracy (%) of the {what}", ""]
+    lines.append(f"Ours: mean ± 95% interval over {some.episodes} test episodes per cell (runs in "
+                 f"`{os.path.dirname(some.workdir)}`).")
+    header = ["method"]
+    for shot in shots:
+        header += [f"{shot}-shot"] + ([f"{shot}-shot (paper)"] if key else [])
+    if key:
+        lines.append(f"Paper: {PAPER}, {PUBLISHED[key][0]}. {PUBLISHED_NOTE}")
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for scorer, label in rows:
+        row = [label]
+        for shot in shots:
+            cell = cells[(scorer, shot)]
+            row.append(f"{_percent(cell.accuracy)} ± {_percent(cell.ci95)}")
+            if key:
+                published = _published(key, scorer, shot)
+                row.append("" if published is None else f"{published:.1f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(workdir: str, table: int, rows, shots, cells: dict, key: str | None) -> None:
+    """`workdir/table<table>.md` and `.csv` (percent; paper columns blank where nothing is published)."""
+    with open(os.path.join(workdir, f"table{table}.md"), "w") as f:
+        f.write(format_markdown(table, rows, shots, cells, key))
+    with open(os.path.join(workdir, f"table{table}.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        header = ["method", "scorer"]
+        for shot in shots:
+            header += [f"{shot}-shot", f"{shot}-shot ci95", f"{shot}-shot paper"]
+        writer.writerow(header + ["episodes"])
+        for scorer, label in rows:
+            row = [label, scorer]
+            for shot in shots:
+                cell = cells[(scorer, shot)]
+                published = _published(key, scorer, shot)
+                row += [_percent(cell.accuracy, 2), _percent(cell.ci95, 2),
+                        "" if published is None else f"{published:.1f}"]
+            writer.writerow(row + [cells[(scorer, shots[0])].episodes])
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the runs (one sub-folder each) and the tables.")
+_TABLE = flags.DEFINE_enum("table", None, ["1", "2"], "1: TSN++, CMN++, TRN++, TAM; 2: scorers of TAM runs.")
+_SHOTS = flags.DEFINE_string("shots", "1,5", "Comma-separated shots (columns).")
+_METHODS = flags.DEFINE_string("methods", "", "Comma-separated rows to run (default: all of the table's).")
+_PAPER = flags.DEFINE_enum("paper", "auto", ["auto", "none", *PUBLISHED],
+                           "Published numbers beside ours: auto (by config.data.tfds_name), none, a dataset.")
+flags.mark_flags_as_required(["config", "workdir", "table"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    from tam_jax import distributed
+
+    distributed.initialize("auto")
+    reproduce(_CONFIG.value, _WORKDIR.value, table=int(_TABLE.value), shots=csv_values(_SHOTS.value, int),
+              methods=csv_values(_METHODS.value), paper=_PAPER.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
