@@ -653,13 +653,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     finally:
         progress.close()
         batches.close()
-        manager.wait()
+        manager.close()  # waits for the last save to finish
         if writer is not None:
             writer.close()
-        if len(report):
+        if len(report):  # each process reports the videos it checked or read
             _log.warning("%s", report.summary())
-            if is_chief():
-                print(report.summary())
     return state
 
 
