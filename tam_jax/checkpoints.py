@@ -87,8 +87,5 @@ class CheckpointManager:
         step = self.latest_step()
         return target if step is None else self.restore(step, target)
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
         self._manager.close()
