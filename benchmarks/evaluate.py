@@ -21,7 +21,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tam_jax import checkpoints, evaluate, fewshot, train
+from tam_jax import checkpoints, evaluate, fewshot, hosts, models, train_state
+from tam_jax.data import pipeline
 from tam_jax.data.clips import load_clip
 from tam_jax.data.episodes import EpisodeSampler
 from tam_jax.data.report import SkipReport
@@ -47,32 +48,32 @@ def main():
     args = parser.parse_args()
 
     config = demo_config()
-    mesh = train.make_mesh(config)
-    model = train.build_model(config)
-    state = train.create_train_state(config, model, train.make_optimizer(config), mesh)
+    mesh = hosts.make_mesh(config.mesh.num_devices)
+    model = models.build_embedder(config.model)
+    state = train_state.create_train_state(config, model, train_state.make_optimizer(config), mesh)
     if args.workdir:
         manager = checkpoints.CheckpointManager(str(Path(args.workdir) / "checkpoints"))
         state = manager.restore(manager.latest_step(), state)
     scorers = fewshot.SCORERS
     way, shot, queries = config.fewshot.way, config.fewshot.shot, config.fewshot.queries
-    split = train.prepare_split(config, "test", SkipReport())
+    evaluator = evaluate.FewShotEvaluator(config, "test", mesh, model, SkipReport(), scorers=scorers,
+                                          shots=(shot,), num_episodes=args.episodes)
+    split = evaluator.data
 
     start = time.perf_counter()
-    frames, labels = train.load_split_frames(config, split, SkipReport())
+    labels = evaluator.clips.labels  # loads the split's clips
     loaded = time.perf_counter()
-    embeddings = train.embed_split(config, state, model, mesh, frames)
+    embedded_split = evaluator.embed(state)
     embedded = time.perf_counter()
-    per_scorer = evaluate.evaluate_cached(
-        embeddings, labels, way=way, shot=shot, queries=queries, num_episodes=args.episodes, seed=0,
-        scorers=scorers, lam=config.alignment.lam, episodes_per_batch=config.eval.episodes_per_batch,
-    )
+    records = evaluator.score(embedded_split)
     finished = time.perf_counter()
     cached_total = finished - start
     cached_parts = {"load": loaded - start, "embed": embedded - loaded, "episodes": finished - embedded}
 
-    sampler = EpisodeSampler(labels, way=way, shot=shot, queries=queries, seed=0)
-    variables = train.embedding_variables(state)
-    spec = train.clip_spec(config)
+    seed = evaluate.episode_seed(config, "test")  # the same episodes as the cached evaluation
+    sampler = EpisodeSampler(labels, way=way, shot=shot, queries=queries, seed=seed)
+    variables = train_state.embedder_variables(state)
+    spec = pipeline.clip_spec(config)
     embed = jax.jit(lambda v, x: model.apply(v, x, train=False))
     score = jax.jit(
         lambda s, q, y: evaluate.episode_accuracies(
@@ -104,7 +105,7 @@ def main():
         "fresh_seconds_per_episode": fresh_per_episode,
         "fresh_seconds_extrapolated": fresh_total,
         "speedup": fresh_total / cached_total,
-        "accuracy": {name: float(np.mean(v)) for name, v in per_scorer.items()},
+        "accuracy": {r["scorer"]: r["accuracy"] for r in records},
         "backend": jax.default_backend(),
     }
     print(json.dumps(result, indent=2))

@@ -68,7 +68,7 @@ import jaxlib  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from tam_jax import models, train  # noqa: E402
+from tam_jax import embedding, fewshot, hosts, models, train, train_state  # noqa: E402
 from tam_jax.configuration import default_config  # noqa: E402
 
 TORCH_SCRIPT = Path(__file__).resolve().with_name("otam_torch.py")
@@ -187,14 +187,14 @@ class JaxBench:
     def __init__(self, args):
         self.args = args
         self.config = make_config(args, 1)
-        self.mesh = train.make_mesh(self.config)
-        self.model = train.build_model(self.config)
-        self.optimizer = train.make_optimizer(self.config)
+        self.mesh = hosts.make_mesh(self.config.mesh.num_devices)
+        self.model = models.build_embedder(self.config.model)
+        self.optimizer = train_state.make_optimizer(self.config)
         self.state = None
 
     def fresh_state(self):
         if self.state is None:
-            self.state = train.create_train_state(self.config, self.model, self.optimizer, self.mesh)
+            self.state = train_state.create_train_state(self.config, self.model, self.optimizer, self.mesh)
         return self.state
 
     def train(self, episodes: int) -> dict:
@@ -229,8 +229,8 @@ class JaxBench:
             0, 256, (videos, self.args.num_frames, size, size, 3), dtype=np.uint8
         )
         frames = train.shard_batch({"frames": frames}, self.mesh)["frames"]
-        variables = train.embedding_variables(self.fresh_state())
-        embed = train.make_embed_fn(self.model, self.mesh)
+        variables = train_state.embedder_variables(self.fresh_state())
+        embed = embedding.inference_apply(self.model)
         compiled, row["first_call_s"], row["xla_estimate_bytes"] = compile_ahead(embed, variables, frames)
         call = lambda: compiled(variables, frames)
         if row["first_call_s"] is None:
@@ -264,9 +264,9 @@ class JaxBench:
 
         def alignment(features, labels):
             def loss(features):
-                episode = {**features, "query_labels": labels}
-                return train.episode_loss({"embedder": {}}, {}, episode, model=_FeaturesAsVideos(),
-                                          config=config)[0]
+                joined = jnp.concatenate([features["support"], features["query"]], axis=1)
+                logits = train.episode_logits({}, joined, features["support"].shape[1], config)
+                return fewshot.cross_entropy(logits, labels)
 
             return jax.value_and_grad(loss)(features)
 
@@ -286,13 +286,6 @@ class JaxBench:
             timing = measure(lambda c=compiled, a=fn_args: c(*a), self.args.steps, self.args.warmup)
             parts[name + "_s"] = timing["median_step_s"]
         return parts
-
-
-class _FeaturesAsVideos:
-    """Stands in for the embedder in `train.episode_loss`: the "videos" it is given are already features."""
-
-    def apply(self, variables, videos, train, mutable):
-        return videos, {"batch_stats": variables["batch_stats"]}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ command line as `--config.a.b=value`.
 from __future__ import annotations
 
 import os
+import warnings
 
 import ml_collections
 
@@ -54,13 +55,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.fewshot.queries = 5  # queries per class in training and evaluation episodes
     c.fewshot.temperature = 1.0  # logits = -distance / temperature (Eq. 8 uses 1)
     c.fewshot.learn_temperature = False
+    c.fewshot.scorer = "tam"  # what the run trains with: a scorer of `tam_jax.fewshot.ALL_SCORERS`
 
     c.alignment = ml_collections.ConfigDict()
-    c.alignment.method = "tam"  # a scorer of `tam_jax.fewshot.METHODS` ("trn", "cmn": learned heads)
+    c.alignment.method = ""  # deprecated: renamed fewshot.scorer (RENAMED_KEYS)
     c.alignment.lam = 0.1  # soft-min temperature of Eq. 6
     c.alignment.bidirectional = False  # add the support->query alignment (TAM only)
 
-    c.head = ml_collections.ConfigDict()  # learned heads of alignment.method "trn" / "cmn" (tam_jax.heads)
+    c.head = ml_collections.ConfigDict()  # learned heads of fewshot.scorer "trn" / "cmn" (tam_jax.heads)
     c.head.dim = 256  # frame projection, relation and saliency width
     c.head.trn_tuples = 3  # TRN++: ordered frame tuples per scale
     c.head.cmn_saliencies = 4  # CMN++: learned saliency queries M (the embedding is M * dim wide)
@@ -96,6 +98,29 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Old key -> new key. A value set under an old key still works for one release, with a warning.
+RENAMED_KEYS = {"alignment.method": "fewshot.scorer"}
+
+
+def upgrade_config(config: ml_collections.ConfigDict, *, warn: bool = True) -> ml_collections.ConfigDict:
+    """Move values set under renamed keys (`RENAMED_KEYS`) to their new keys, in place; returns `config`.
+
+    `warn=False` for configs the library wrote itself (a workdir's `config.json` from an older version).
+    """
+    for old, new in RENAMED_KEYS.items():
+        (old_section, old_name), (new_section, new_name) = old.split("."), new.split(".")
+        value = config[old_section].get(old_name) if old_section in config else None
+        if not value:  # "" = not set
+            continue
+        if warn:
+            warnings.warn(f"config.{old} is deprecated and will be removed in the next release; use "
+                          f"config.{new} (now set to {value!r}).", FutureWarning, stacklevel=2)
+        with config.unlocked():
+            config[new_section][new_name] = value
+            config[old_section][old_name] = ""
+    return config
+
+
 def parse_config_arg(arg: str | None, **allowed) -> dict:
     """`"shot=5,way=5"` -> {"shot": 5, "way": 5}, each converted to the type of its default in `allowed`.
 
@@ -124,6 +149,7 @@ def validate(config: ml_collections.ConfigDict, training: bool = True) -> None:
 
     `training=False` (evaluating a trained run) does not need the backbone initialisation to exist.
     """
+    upgrade_config(config)
     data, train = config.data, config.train
 
     def fail(key: str, message: str):
@@ -151,24 +177,24 @@ def validate(config: ml_collections.ConfigDict, training: bool = True) -> None:
     if training and config.model.init_from and not os.path.isdir(config.model.init_from):
         fail("model.init_from", f"{config.model.init_from!r} is not a folder; create one with "
              "`python -m tam_jax.tools.import_weights --src FILE --arch ARCH --out DIR`.")
-    method = config.alignment.method
-    if method not in fewshot.METHODS:
-        fail("alignment.method", f"{method!r} is not one of {', '.join(fewshot.METHODS)}.")
-    if config.alignment.bidirectional and config.alignment.method != "tam":
-        fail("alignment.bidirectional", "applies to alignment.method='tam' only.")
+    method = config.fewshot.scorer
+    if method not in fewshot.ALL_SCORERS:
+        fail("fewshot.scorer", f"{method!r} is not one of {', '.join(fewshot.ALL_SCORERS)}.")
+    if config.alignment.bidirectional and method != "tam":
+        fail("alignment.bidirectional", "applies to fewshot.scorer='tam' only.")
     if config.alignment.lam < 0:
         fail("alignment.lam", f"must be >= 0, got {config.alignment.lam}.")
     for name in csv_values(config.eval.scorers):
         if name in fewshot.HEAD_SCORERS and name != method:
-            fail("eval.scorers", f"{name!r} needs a head trained with alignment.method={name!r}, but this "
-                 f"run trains {method!r}; remove it or train with --config.alignment.method={name}.")
-        if name not in fewshot.METHODS:
-            fail("eval.scorers", f"{name!r} is not one of {', '.join(fewshot.METHODS)}.")
+            fail("eval.scorers", f"{name!r} needs a head trained with fewshot.scorer={name!r}, but this "
+                 f"run trains {method!r}; remove it or train with --config.fewshot.scorer={name}.")
+        if name not in fewshot.ALL_SCORERS:
+            fail("eval.scorers", f"{name!r} is not one of {', '.join(fewshot.ALL_SCORERS)}.")
     for key in ("dim", "trn_tuples", "cmn_saliencies"):
         if config.head[key] < 1:
             fail(f"head.{key}", f"must be >= 1, got {config.head[key]}.")
     if method == "trn" and config.data.num_frames < 2:
-        fail("data.num_frames", f"must be >= 2 for alignment.method='trn' (TRN++ relates frame tuples), got "
+        fail("data.num_frames", f"must be >= 2 for fewshot.scorer='trn' (TRN++ relates frame tuples), got "
              f"{config.data.num_frames}.")
     if train.optimizer not in OPTIMIZERS:
         fail("train.optimizer", f"{train.optimizer!r} is not one of {', '.join(OPTIMIZERS)}.")

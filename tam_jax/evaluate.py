@@ -1,60 +1,40 @@
-"""Few-shot evaluation over cached embeddings: embed every video of a split once, then run many episodes.
+"""Few-shot evaluation: embed every video of a split once, then score many episodes on the embeddings.
 
 Test-time transforms are deterministic (centre crop, middle frame of each segment), so a video's embedding
 is the same in every episode it appears in; embedding each test video once and gathering rows per episode
 gives the same accuracies as embedding each episode afresh, at a fraction of the cost. Every scorer is
 computed from the same embeddings in one pass.
+
+    evaluator = FewShotEvaluator.for_test(config, mesh, model, report)    # loads the split's clips once
+    records = evaluator.run(state)                                        # embeds, scores, -> records
+
+`FewShotEvaluator.for_validation` serves the training loop, `evaluate_checkpoint` the `--mode=eval` run,
+and `tam_jax.visualize` re-scores one embedding at many lambdas with `score`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from tam_jax import fewshot
+from tam_jax import checkpoints, fewshot, heads, hosts, progress
+from tam_jax.configuration import csv_values, validate
+from tam_jax.data import pipeline
 from tam_jax.data.episodes import EpisodeSampler
+from tam_jax.data.report import SkipReport
+from tam_jax.embedding import Embedder, embed_share
 
 # Two-sided 95% normal quantile: the papers report mean accuracy +- 1.96 standard errors.
 _Z95 = 1.959964
-
-
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="batch", dynamic_ncols=True)
-
-
-def embed_videos(
-    embed: Callable[[np.ndarray], jax.Array],
-    frames: np.ndarray,
-    batch_size: int,
-    progress: bool = True,
-) -> np.ndarray:
-    """Embed videos in batches: uint8 frames `[N, T, H, W, 3]` -> float32 features `[N, T, D]`.
-
-    `embed` maps `[b, T, H, W, 3]` to `[b, T, D]`; the last batch is padded to `batch_size` so that it
-    compiles once.
-    """
-    chex.assert_rank(frames, 5)
-    outputs = []
-    starts = range(0, len(frames), batch_size)
-    for start in _progress(starts, len(starts), "embedding", progress):
-        chunk = frames[start : start + batch_size]
-        pad = batch_size - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-        outputs.append(np.asarray(embed(chunk), np.float32)[: batch_size - pad])
-    return np.concatenate(outputs)
 
 
 def episode_index_arrays(
@@ -112,7 +92,7 @@ def _cached_episode_accuracies(embeddings, head_embeddings, support_rows, query_
     return episode_accuracies(embeddings[support_rows], embeddings[query_rows], labels, **heads, **static)
 
 
-def evaluate_cached(
+def evaluate_embeddings(
     embeddings: np.ndarray,
     labels: np.ndarray,
     *,
@@ -127,7 +107,7 @@ def evaluate_cached(
     episodes_per_batch: int = 250,
     class_names: Sequence[str] | None = None,
     drop_small_classes: bool = False,
-    progress: bool = True,
+    show_progress: bool = True,
     head_embeddings: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Accuracy of every scorer on `num_episodes` episodes drawn from embedded videos.
@@ -151,7 +131,7 @@ def evaluate_cached(
     static = dict(way=way, shot=shot, scorers=scorers, lam=lam, bidirectional=bidirectional)
     per_scorer = []
     starts = range(0, num_episodes, episodes_per_batch)
-    for start in _progress(starts, len(starts), "episodes", progress):
+    for start in progress.track(starts, len(starts), "episodes", "batch", enabled=show_progress):
         # Every chunk has the same shape (the last one padded) so the step compiles once.
         indices = np.arange(start, start + episodes_per_batch)
         support, query, episode_labels = episode_index_arrays(sampler, indices)
@@ -212,3 +192,155 @@ def format_results(records: list[dict]) -> str:
             f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} |"
         )
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluators.
+
+# Episodes of each split are drawn with config.seed + this offset (training episodes use config.seed),
+# so validation and test episodes differ from each other and from training's.
+EPISODE_SEED_OFFSETS = {"train": 0, "val": 1, "test": 2}
+
+
+def episode_seed(config: ml_collections.ConfigDict, split: str) -> int:
+    """The seed of the episodes a run evaluates on `split`."""
+    return config.seed + EPISODE_SEED_OFFSETS.get(split, EPISODE_SEED_OFFSETS["test"])
+
+
+def eval_scorers(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """`config.eval.scorers`, led by the run's own scorer when it trained a head ("trn" / "cmn")."""
+    scorers = csv_values(config.eval.scorers)
+    scorer = config.fewshot.scorer
+    if scorer in fewshot.HEAD_SCORERS and scorer not in scorers:
+        scorers = (scorer, *scorers)
+    return scorers
+
+
+@dataclasses.dataclass
+class Embedded:
+    """A split embedded with one state: frame features `[N, T, D]`, the learned head's video embeddings
+    `[N, F]` (None without a head), and labels `[N]`."""
+
+    features: np.ndarray
+    head_features: np.ndarray | None
+    labels: np.ndarray
+
+
+class FewShotEvaluator:
+    """Few-shot accuracy of a state on one split: the split's clips are loaded once (each process its
+    share), then `run(state)` embeds them with the state's weights and scores `num_episodes` episodes of
+    every shot with every scorer.
+
+    Args:
+      config: the run's config (data, fewshot, alignment, eval, head, seed).
+      split: "val" or "test" (or "train").
+      mesh: the run's mesh; each process embeds its share on its own devices.
+      model: the frame embedder.
+      report: where unreadable videos are recorded.
+      scorers, shots, num_episodes: what to evaluate.
+      show_progress: progress bars while embedding and scoring (on the chief process).
+    """
+
+    def __init__(self, config, split: str, mesh, model, report: SkipReport, *, scorers: Sequence[str],
+                 shots: Sequence[int], num_episodes: int, show_progress: bool = True):
+        self.config, self.split, self.mesh, self.model = config, split, mesh, model
+        self.show_progress = show_progress
+        self.scorers, self.shots, self.num_episodes = tuple(scorers), tuple(shots), int(num_episodes)
+        self.report = report
+        self.data = pipeline.prepare_split(config, split, report, shots=self.shots)
+
+    @functools.cached_property
+    def clips(self) -> pipeline.ClipShare:
+        """This process's share of the split's test-time clips, loaded on first use."""
+        return pipeline.load_clip_share(self.config, self.data, self.report)
+
+    @classmethod
+    def for_validation(cls, config, mesh, model, report: SkipReport) -> FewShotEvaluator:
+        """The training loop's model selection: the run's own scorer and shot on `train.val_episodes`."""
+        return cls(config, "val", mesh, model, report, scorers=(config.fewshot.scorer,),
+                   shots=(config.fewshot.shot,), num_episodes=config.train.val_episodes, show_progress=False)
+
+    @classmethod
+    def for_test(cls, config, mesh, model, report: SkipReport, *, split: str | None = None,
+                 shots: Sequence[int] = (), num_episodes: int | None = None,
+                 show_progress: bool = True) -> FewShotEvaluator:
+        """The final evaluation: `eval_scorers` on `eval.split`, every shot of `eval.shots` (or
+        `fewshot.shot`), `eval.num_episodes` episodes; each can be overridden."""
+        shots = tuple(shots) or csv_values(config.eval.shots, int) or (config.fewshot.shot,)
+        return cls(config, split or config.eval.split, mesh, model, report, scorers=eval_scorers(config),
+                   shots=shots, num_episodes=num_episodes or config.eval.num_episodes,
+                   show_progress=show_progress)
+
+    def embed(self, state) -> Embedded:
+        """Embed the split with `state`'s embedder (and its head, if it has one)."""
+        from tam_jax.train_state import embedder_variables
+
+        embedder = Embedder(self.model, embedder_variables(state), self.mesh,
+                            batch_size=self.config.eval.embed_batch_size)
+        features = embed_share(embedder, self.clips, show_progress=self.show_progress)
+        head = heads.build_head(self.config)
+        head_features = None
+        if head is not None:
+            head_features = heads.embed_features(head, hosts.local_copy(state.params["head"]), features)
+        return Embedded(features, head_features, self.clips.labels)
+
+    def score(self, embedded: Embedded, *, lam: float | None = None, scorers: Sequence[str] | None = None,
+              show_progress: bool = True) -> list[dict]:
+        """Records {split, scorer, way, shot, episodes, accuracy, ci95} of every shot and scorer, at the
+        config's `alignment.lam` unless `lam` is given."""
+        config, scorers = self.config, tuple(scorers or self.scorers)
+        lam = config.alignment.lam if lam is None else lam
+        records = []
+        for shot in self.shots:
+            per_scorer = evaluate_embeddings(
+                embedded.features, embedded.labels, way=config.fewshot.way, shot=shot,
+                queries=config.fewshot.queries, num_episodes=self.num_episodes,
+                seed=episode_seed(config, self.split), scorers=scorers, lam=float(lam),
+                bidirectional=config.alignment.bidirectional,
+                episodes_per_batch=min(config.eval.episodes_per_batch, self.num_episodes),
+                class_names=self.data.source.class_names, drop_small_classes=config.data.drop_small_classes,
+                show_progress=self.show_progress and show_progress,
+                head_embeddings=embedded.head_features,
+            )
+            records += result_records(per_scorer, split=self.split, way=config.fewshot.way, shot=shot)
+        return records
+
+    def run(self, state) -> list[dict]:
+        """`score(embed(state))`."""
+        return self.score(self.embed(state))
+
+    def accuracy(self, state) -> float:
+        """The mean accuracy of the first scorer and shot (validation's single number)."""
+        return float(self.run(state)[0]["accuracy"])
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    """Restore the best (or latest, `eval.checkpoint`) checkpoint in `workdir` and evaluate every scorer of
+    `eval_scorers` and every shot; write `workdir/results.json`, print the table, return the records."""
+    from tam_jax import models
+    from tam_jax.train_state import restore_trained
+
+    validate(config, training=False)
+    report = SkipReport()
+    mesh = hosts.make_mesh(config.mesh.num_devices)
+    model = models.build_embedder(config.model)
+    evaluator = FewShotEvaluator.for_test(config, mesh, model, report)  # checks the split can be sampled
+    manager = checkpoints.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    try:
+        step = manager.step_to_restore(config.eval.checkpoint)
+        if step is None:
+            raise FileNotFoundError(
+                f"No checkpoint in {manager.directory}: train first (--mode=train) with --workdir={workdir}."
+            )
+        state = restore_trained(manager, step, config, mesh)
+    finally:
+        manager.close()
+    records = evaluator.run(state)
+    for record in records:
+        record["checkpoint_step"] = int(step)
+    if hosts.is_chief():
+        write_results(os.path.join(workdir, "results.json"), records)
+        print(format_results(records))
+        if len(report):
+            print(report.summary())
+    return records

@@ -18,12 +18,13 @@ from tam_jax import alignment
 
 SCORERS = (*alignment.METHODS, "tsn")  # need only frame features
 HEAD_SCORERS = ("trn", "cmn")  # need the video embeddings of a learned head (tam_jax.heads)
-METHODS = (*SCORERS, *HEAD_SCORERS)  # every scorer a run can train with (config.alignment.method)
+ALL_SCORERS = (*SCORERS, *HEAD_SCORERS)  # every scorer a run can train with (config.fewshot.scorer)
 
 
 def check_scorer(name: str, *, learned: bool = False) -> None:
-    """Raise a ValueError naming the valid scorers when `name` is not one of them (`learned`: of METHODS)."""
-    valid = METHODS if learned else SCORERS
+    """Raise a ValueError naming the valid scorers when `name` is not one of them (`learned`: of
+    ALL_SCORERS)."""
+    valid = ALL_SCORERS if learned else SCORERS
     if name not in valid:
         raise ValueError(f"Unknown scorer {name!r}; valid scorers are {', '.join(valid)}.")
 
@@ -86,7 +87,7 @@ def class_distances_for_scorers(
             raise ValueError(
                 f"Scorer {name!r} compares the embeddings of its learned head: pass head_query and "
                 "head_support (tam_jax.heads.video_embeddings of a run trained with "
-                f"config.alignment.method={name!r})."
+                f"config.fewshot.scorer={name!r})."
             )
     chex.assert_rank([query, support], 3)
     chex.assert_axis_dimension(support, 0, way * shot)
@@ -112,6 +113,41 @@ def class_distances_for_scorers(
         )
         results.append(jnp.mean(per_video.reshape(num_queries, way, shot), axis=-1))
     return jnp.stack(results)
+
+
+def class_distances_by_label(
+    query: jax.Array,
+    support: jax.Array,
+    labels: jax.Array,
+    num_classes: int,
+    *,
+    scorer: str = "tam",
+    lam: float = 0.1,
+    bidirectional: bool = False,
+) -> jax.Array:
+    """`class_distances` for any number of support videos per class (prediction's support sets).
+
+    A class's distance is the mean over its support videos of the query-video distance ("tsn": 1 - cos of
+    the mean-pooled query and the mean of the class's mean-pooled videos). With equal shots, class-major,
+    this equals `class_distances`. Frame-feature scorers only (`SCORERS`).
+
+    Args:
+      query: `[Nq, T, D]` frame features.
+      support: `[Ns, T, D]` frame features.
+      labels: int `[Ns]`, each support video's class in 0..num_classes-1, every class at least once.
+
+    Returns:
+      float32 `[Nq, num_classes]`.
+    """
+    check_scorer(scorer)
+    chex.assert_rank([query, support], 3)
+    one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)  # [Ns, C]
+    averaging = one_hot / jnp.sum(one_hot, axis=0)
+    if scorer == "tsn":
+        prototypes = averaging.T @ jnp.mean(support.astype(jnp.float32), axis=1)  # [C, D]
+        return alignment.cosine_distance(jnp.mean(query.astype(jnp.float32), axis=1), prototypes)
+    per_video = alignment.pairwise_distance(query, support, scorer, lam, bidirectional and scorer == "tam")
+    return per_video.astype(jnp.float32) @ averaging
 
 
 def prototype_distances(query: jax.Array, support: jax.Array, *, way: int, shot: int) -> jax.Array:

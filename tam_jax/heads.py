@@ -25,6 +25,7 @@ like the paper's, permutation-invariant: an order-blind baseline, as TSN++ is.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import chex
@@ -113,8 +114,8 @@ class CMNHead(nn.Module):
 
 
 def build_head(config: ml_collections.ConfigDict) -> nn.Module | None:
-    """The head `config.alignment.method` trains ("trn", "cmn"), or None for the parameter-free scorers."""
-    method = config.alignment.method
+    """The head `config.fewshot.scorer` trains ("trn", "cmn"), or None for the parameter-free scorers."""
+    method = config.fewshot.scorer
     if method == "trn":
         return TRNHead(dim=config.head.dim, max_tuples=config.head.trn_tuples)
     if method == "cmn":
@@ -135,14 +136,15 @@ def video_embeddings(head: nn.Module, params, features: jax.Array) -> jax.Array:
     return out.reshape(leading + out.shape[-1:])
 
 
-def embed_cached(head: nn.Module, params, features: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Cached frame features `[N, T, D]` -> float32 `[N, E]`, in jitted batches (the last one padded)."""
-    apply = jax.jit(lambda p, x: video_embeddings(head, p, x))
-    outputs = []
-    for start in range(0, len(features), batch_size):
-        chunk = features[start : start + batch_size]
-        pad = batch_size - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-        outputs.append(np.asarray(apply(params, chunk), np.float32)[: batch_size - pad])
-    return np.concatenate(outputs)
+@functools.lru_cache(maxsize=8)
+def _jitted_embeddings(head: nn.Module):
+    """One jitted `video_embeddings` per head, so repeated evaluations compile once."""
+    return jax.jit(lambda params, features: video_embeddings(head, params, features))
+
+
+def embed_features(head: nn.Module, params, features: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Frame features of a whole split `[N, T, D]` -> float32 video embeddings `[N, E]`, in padded batches."""
+    from tam_jax.embedding import map_batches
+
+    apply = _jitted_embeddings(head)
+    return map_batches(lambda chunk: apply(params, chunk), features, batch_size)

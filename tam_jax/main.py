@@ -2,7 +2,7 @@
 
 `--mode=train` trains (resuming from DIR), `--mode=eval` evaluates the best (or latest) checkpoint in DIR,
 `--mode=train_and_eval` (the default) does both. Any config field can be overridden as
-`--config.a.b=value`. Multi-host runs start one such process per host (see `tam_jax.distributed`).
+`--config.a.b=value`. Multi-host runs start one such process per host (see `tam_jax.hosts`).
 """
 
 from absl import app, flags, logging
@@ -27,15 +27,15 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax and grain log every save and read at INFO
-    from tam_jax import distributed, train
+    from tam_jax import evaluate, hosts, train
 
-    distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    hosts.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
     config = _CONFIG.value
     if _MODE.value in ("train", "train_and_eval"):
         train.train(config, _WORKDIR.value)
     if _MODE.value in ("eval", "train_and_eval"):
-        train.evaluate_checkpoint(config, _WORKDIR.value)
+        evaluate.evaluate_checkpoint(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

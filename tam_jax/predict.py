@@ -1,4 +1,4 @@
-"""Classify new videos among classes given by a few example clips: the command line of `tam_jax.classifier`.
+"""Classify new videos among classes given by a few example clips: the command line of `tam_jax.inference`.
 
     python -m tam_jax.predict --checkpoint runs/demo --support support/ --query a.mp4 frames_of_b/ \
         [--json predictions.json] [--save-support support.npz]
@@ -80,7 +80,7 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Classify as `args` say; returns the JSON payload. Raises on fatal errors."""
-    from tam_jax.classifier import FewShotClassifier, SupportSet
+    from tam_jax.inference import FewShotClassifier, SupportSet
 
     classifier = FewShotClassifier.from_checkpoint(
         args.checkpoint, num_devices=args.devices, method=args.method, lam=args.lam,
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
-    from tam_jax.classifier import CheckpointMismatchError, SupportError
+    from tam_jax.inference import CheckpointMismatchError, SupportError
 
     try:
         payload = run(args)

@@ -8,7 +8,7 @@ Table 1 trains one run per method and shot, in `DIR/<method>_<shot>shot`, and sc
 scorer. Table 2 trains one TAM run per shot (the same `DIR/tam_<shot>shot` as Table 1's) and scores it with
 every alignment scorer from the same embeddings. Runs use `tam_jax.train.train` (a run already in DIR
 resumes, a finished one is left alone, one trained with another config is an error naming the keys) and
-`tam_jax.train.evaluate_checkpoint` (records already in the run's `results.json` for the same checkpoint
+`tam_jax.evaluate.evaluate_checkpoint` (records already in the run's `results.json` for the same checkpoint
 and episode count are reused). The table goes to `DIR/table<N>.md` and `DIR/table<N>.csv`: our accuracy in
 percent with its 95% interval, beside the published number where the dataset is the paper's (Kinetics-100
 or Something-Something-V2 full, from `config.data.tfds_name` or `--paper`) and that number was verified.
@@ -79,7 +79,7 @@ def dataset_key(config: ml_collections.ConfigDict, paper: str = "auto") -> str |
 def run_config(base: ml_collections.ConfigDict, method: str, shot: int, scorers) -> ml_collections.ConfigDict:
     """`base` set up to train `method` at `shot` and evaluate `scorers` at that shot."""
     config = base.copy_and_resolve_references()
-    config.alignment.method = method
+    config.fewshot.scorer = method
     config.alignment.bidirectional = base.alignment.bidirectional and method == "tam"
     config.fewshot.shot = shot
     config.eval.shots = ""
@@ -111,11 +111,13 @@ def check_same_training(config: ml_collections.ConfigDict, workdir: str) -> None
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        saved = _flatten(json.load(f))
+    from tam_jax.checkpoints import read_config
+
+    # read_config brings renamed keys up to date, so a run saved before a rename compares equal.
+    saved = _flatten(json.loads(read_config(workdir).to_json_best_effort()))
     now = _flatten(json.loads(config.to_json_best_effort()))
     sections = set(_TRAINING_SECTIONS)
-    if config.alignment.method not in fewshot.HEAD_SCORERS:
+    if config.fewshot.scorer not in fewshot.HEAD_SCORERS:
         sections.discard("head")  # only TRN++ / CMN++ runs have a head
     differ = sorted(
         k for k in now.keys() & saved.keys()
@@ -130,18 +132,16 @@ def check_same_training(config: ml_collections.ConfigDict, workdir: str) -> None
 
 
 def _checkpoint_steps(workdir: str, which: str) -> tuple[int | None, int | None]:
-    """(latest step, the step `train.evaluate_checkpoint` restores for `eval.checkpoint=which`)."""
+    """(latest step, the step `evaluate.evaluate_checkpoint` restores for `eval.checkpoint=which`)."""
     from tam_jax.checkpoints import CheckpointManager
 
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         return None, None
     manager = CheckpointManager(os.path.join(workdir, "checkpoints"))
     try:
-        latest = manager.latest_step()
-        best = manager.best_step() if which == "best" else None
+        return manager.latest_step(), manager.step_to_restore(which)
     finally:
         manager.close()
-    return latest, latest if best is None else best
 
 
 def _saved_records(config, workdir: str, scorers, step: int) -> dict[str, dict] | None:
@@ -160,7 +160,7 @@ def _saved_records(config, workdir: str, scorers, step: int) -> dict[str, dict] 
 def train_and_score(config: ml_collections.ConfigDict, workdir: str, scorers) -> dict[str, Cell]:
     """Train (or resume, or skip when finished) the run in `workdir`, then evaluate `scorers` (or reuse the
     saved records of the same checkpoint). Returns scorer -> Cell."""
-    from tam_jax import train
+    from tam_jax import evaluate, train
 
     check_same_training(config, workdir)
     latest, _ = _checkpoint_steps(workdir, config.eval.checkpoint)
@@ -169,7 +169,7 @@ def train_and_score(config: ml_collections.ConfigDict, workdir: str, scorers) ->
     _, step = _checkpoint_steps(workdir, config.eval.checkpoint)
     records = _saved_records(config, workdir, scorers, step)
     if records is None:
-        records = {r["scorer"]: r for r in train.evaluate_checkpoint(config, workdir)}
+        records = {r["scorer"]: r for r in evaluate.evaluate_checkpoint(config, workdir)}
     return {
         s: Cell(s, records[s]["shot"], records[s]["accuracy"], records[s]["ci95"], records[s]["episodes"],
                 records[s]["checkpoint_step"], workdir)
@@ -191,7 +191,7 @@ def reproduce(base: ml_collections.ConfigDict, workdir: str, *, table: int, shot
               paper: str = "auto") -> dict[tuple[str, int], Cell]:
     """Train and evaluate every run Table `table` needs, write `workdir/table<table>.md` and `.csv`, and
     return (scorer, shot) -> Cell."""
-    from tam_jax import train
+    from tam_jax import hosts
 
     rows = table_rows(table, methods)
     cells = {}
@@ -206,7 +206,7 @@ def reproduce(base: ml_collections.ConfigDict, workdir: str, *, table: int, shot
             config = run_config(base, "tam", shot, scorers)
             run = train_and_score(config, os.path.join(workdir, f"tam_{shot}shot"), scorers)
             cells.update({(scorer, shot): cell for scorer, cell in run.items()})
-    if train.is_chief():
+    if hosts.is_chief():
         key = dataset_key(base, paper)
         write_table(workdir, table, rows, shots, cells, key)
         print(format_markdown(table, rows, shots, cells, key))
@@ -285,9 +285,9 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    from tam_jax import distributed
+    from tam_jax import hosts
 
-    distributed.initialize("auto")
+    hosts.initialize("auto")
     reproduce(_CONFIG.value, _WORKDIR.value, table=int(_TABLE.value), shots=csv_values(_SHOTS.value, int),
               methods=csv_values(_METHODS.value), paper=_PAPER.value)
 

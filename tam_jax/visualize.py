@@ -180,12 +180,12 @@ def pair_figure(checkpoint, query_path: str, support_path: str, *, lam: float | 
 
     Raises VideoError (from tam_jax.data.report) naming an unreadable clip.
     """
-    from tam_jax import train
-    from tam_jax.classifier import ClipError, read_clips
-    from tam_jax.data.report import VideoError
+    from tam_jax.data.clips import read_clips
+    from tam_jax.data.pipeline import clip_spec
+    from tam_jax.data.report import ClipError, VideoError
 
     lam = float(checkpoint.config.alignment.lam if lam is None else lam)
-    clips = [clip for _, clip in read_clips([query_path, support_path], train.clip_spec(checkpoint.config))]
+    clips = [clip for _, clip in read_clips([query_path, support_path], clip_spec(checkpoint.config))]
     for clip in clips:
         if isinstance(clip, ClipError):
             raise VideoError(clip.path, clip.error)
@@ -206,43 +206,26 @@ _CSV_FIELDS = ("lam", "scorer", "way", "shot", "split", "episodes", "accuracy", 
 
 
 def lambda_sweep(checkpoint, lams: Sequence[float], *, shots: Sequence[int] = (), episodes: int | None = None,
-                 split: str | None = None, scorer: str = "tam", seed: int | None = None,
-                 progress: bool = True) -> list[dict]:
+                 split: str | None = None, scorer: str = "tam", show_progress: bool = True) -> list[dict]:
     """Accuracy at each lambda: embed the split once, then the same `episodes` episodes per lambda and shot.
 
     Defaults come from the checkpoint's config (eval.split, eval.shots or fewshot.shot, eval.num_episodes,
     the evaluation seed). Returns records {lam, scorer, way, shot, split, episodes, accuracy, ci95,
     checkpoint_step}, accuracies as fractions.
     """
-    from tqdm.auto import tqdm
-
-    from tam_jax import evaluate, train
-    from tam_jax.configuration import csv_values
+    from tam_jax import evaluate, progress
     from tam_jax.data.report import SkipReport
 
-    config = checkpoint.config.copy_and_resolve_references()
-    split = split or config.eval.split
-    shots = tuple(shots) or csv_values(config.eval.shots, int) or (config.fewshot.shot,)
-    episodes = int(episodes or config.eval.num_episodes)
-    seed = config.seed + 2 if seed is None else seed  # evaluate_checkpoint's episodes
-    config.fewshot.shot = max(shots)  # prepare_split checks that the largest shot can be drawn
     report = SkipReport()
-    data = train.prepare_split(config, split, report)
-    frames, labels = train.load_split_frames(config, data, report)
-    embeddings = train.embed_split(config, checkpoint.state, checkpoint.model, checkpoint.mesh, frames)
+    evaluator = evaluate.FewShotEvaluator.for_test(
+        checkpoint.config, checkpoint.mesh, checkpoint.model, report, split=split, shots=shots,
+        num_episodes=episodes, show_progress=show_progress,
+    )
+    embedded = evaluator.embed(checkpoint.state)
     records = []
-    for lam in tqdm(lams, desc="lambda", unit="value", disable=not progress):
-        for shot in shots:
-            per_episode = evaluate.evaluate_cached(
-                embeddings, labels, way=config.fewshot.way, shot=shot, queries=config.fewshot.queries,
-                num_episodes=episodes, seed=seed, scorers=(scorer,), lam=float(lam),
-                bidirectional=bool(config.alignment.bidirectional and scorer == "tam"),
-                episodes_per_batch=min(config.eval.episodes_per_batch, episodes),
-                class_names=data.source.class_names, progress=False,
-            )
-            way = config.fewshot.way
-            for record in evaluate.result_records(per_episode, split=split, way=way, shot=shot):
-                records.append({"lam": float(lam), **record, "checkpoint_step": int(checkpoint.step)})
+    for lam in progress.track(lams, len(lams), "lambda", "value", enabled=show_progress):
+        for record in evaluator.score(embedded, lam=float(lam), scorers=(scorer,), show_progress=False):
+            records.append({"lam": float(lam), **record, "checkpoint_step": int(checkpoint.step)})
     if len(report):
         print(report.summary(), file=sys.stderr)
     return records
@@ -362,12 +345,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> list[Path]:
     """Do what `args` say; returns the files written."""
-    from tam_jax.classifier import load_checkpoint
+    from tam_jax.inference import load_trained_model
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.command == "pair":
-        checkpoint = load_checkpoint(args.checkpoint, num_devices=args.devices)
+        checkpoint = load_trained_model(args.checkpoint, num_devices=args.devices)
         figure, record = pair_figure(checkpoint, args.query, args.support, lam=args.lam, method=args.method)
         figure.savefig(out, dpi=_DPI)
         out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
@@ -375,9 +358,9 @@ def run(args: argparse.Namespace) -> list[Path]:
     if args.results:
         records = read_sweep(args.results)
     else:
-        checkpoint = load_checkpoint(args.checkpoint, num_devices=args.devices)
+        checkpoint = load_trained_model(args.checkpoint, num_devices=args.devices)
         records = lambda_sweep(checkpoint, args.lams, shots=args.shots, episodes=args.episodes,
-                               split=args.split, scorer=args.scorer, progress=not args.no_progress)
+                               split=args.split, scorer=args.scorer, show_progress=not args.no_progress)
     plot_lambda(records).savefig(out, dpi=_DPI)
     written = [out]
     if not args.results or Path(args.results).resolve() != out.with_suffix(".json").resolve():

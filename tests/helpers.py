@@ -4,7 +4,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from tam_jax import train
+from tam_jax import hosts, models, train_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,10 +53,10 @@ def flags_for(config):
 
 
 def read_params(workdir, config):
-    mesh = train.make_mesh(config)
-    model = train.build_model(config)
-    optimizer = train.make_optimizer(config)
-    state = train.create_train_state(config, model, optimizer, mesh)
+    mesh = hosts.make_mesh(config.mesh.num_devices)
+    model = models.build_embedder(config.model)
+    optimizer = train_state.make_optimizer(config)
+    state = train_state.create_train_state(config, model, optimizer, mesh)
     from tam_jax.checkpoints import CheckpointManager
 
     manager = CheckpointManager(os.path.join(workdir, "checkpoints"))

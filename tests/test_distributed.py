@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from tam_jax import distributed
+from tam_jax import hosts as distributed
 from tests.helpers import REPO, flags_for, read_params, tiny_config
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tam_jax import evaluate, fewshot, heads, train
+from tam_jax import evaluate, fewshot, heads, hosts, models, train, train_state
 from tam_jax.configuration import validate
 from tests.helpers import tiny_config
 from tests.test_train import synthetic_batch
@@ -83,13 +83,13 @@ def test_head_trains_a_few_real_steps(method):
     config = tiny_config()
     config.mesh.num_devices = 1
     config.train.episodes_per_step = 2
-    config.alignment.method = method
+    config.fewshot.scorer = method
     config.head.dim = 16
     validate(config)
-    mesh = train.make_mesh(config)
-    model = train.build_model(config)
-    optimizer = train.make_optimizer(config)
-    state = train.create_train_state(config, model, optimizer, mesh)
+    mesh = hosts.make_mesh(config.mesh.num_devices)
+    model = models.build_embedder(config.model)
+    optimizer = train_state.make_optimizer(config)
+    state = train_state.create_train_state(config, model, optimizer, mesh)
     initial = jax.device_get(state.params["head"])
     step = train.make_train_step(config, model, optimizer, mesh)
     batch = synthetic_batch(config, episodes=2)
@@ -107,15 +107,15 @@ def test_head_trains_a_few_real_steps(method):
     features = jnp.ones((2, 5, config.data.num_frames, 128))
     width = 16 if method == "trn" else 16 * config.head.cmn_saliencies
     assert heads.video_embeddings(head, trained, features).shape == (2, 5, width)
-    cached = heads.embed_cached(head, trained, np.ones((7, config.data.num_frames, 128), np.float32), 4)
+    cached = heads.embed_features(head, trained, np.ones((7, config.data.num_frames, 128), np.float32), 4)
     assert cached.shape == (7, width)
 
 
 def test_a_learned_scorer_is_only_evaluated_by_its_own_run():
     config = tiny_config()
-    assert "trn" not in train.eval_scorers(config)
-    config.alignment.method = "trn"
-    assert train.eval_scorers(config)[0] == "trn"
+    assert "trn" not in evaluate.eval_scorers(config)
+    config.fewshot.scorer = "trn"
+    assert evaluate.eval_scorers(config)[0] == "trn"
     config.eval.scorers = "tam,cmn"
     with pytest.raises(ValueError, match="config.eval.scorers"):
         validate(config)
@@ -131,9 +131,9 @@ def test_cached_evaluation_scores_the_head_embeddings():
     embeddings = rng.normal(size=(len(labels), 3, 8)).astype(np.float32)
     noise = 0.01 * rng.normal(size=(len(labels), 6))
     vectors = (np.eye(6)[labels] + noise).astype(np.float32)
-    result = evaluate.evaluate_cached(
+    result = evaluate.evaluate_embeddings(
         embeddings, labels, way=5, shot=1, queries=2, num_episodes=8, seed=0, scorers=("cmn", "tsn"),
-        episodes_per_batch=4, progress=False, head_embeddings=vectors,
+        episodes_per_batch=4, show_progress=False, head_embeddings=vectors,
     )
     assert result["cmn"].tolist() == [1.0] * 8  # the head's embeddings separate the classes
     assert result["tsn"].mean() < 1.0

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from tam_jax import alignment, fewshot, predict, train
-from tam_jax.classifier import (
+from tam_jax.checkpoints import resolve_checkpoint
+from tam_jax.inference import (
     CheckpointMismatchError,
     FewShotClassifier,
     SupportSet,
     class_distances,
-    load_checkpoint,
-    resolve_checkpoint,
+    load_trained_model,
 )
 from tests import helpers
 from tests.helpers import REPO
@@ -152,12 +152,12 @@ def test_subprocess_writes_the_same_predictions(run, tmp_path):
 def test_python_api_with_a_mapping_a_step_folder_and_hard_tam(run, tmp_path):
     step_one = run.workdir / "checkpoints" / "1"
     classifier = FewShotClassifier.from_checkpoint(step_one, lam=0.0, progress=False)
-    assert classifier.checkpoint.step == 1 and classifier.scorer == {
+    assert classifier.model.step == 1 and classifier.scorer == {
         "method": "tam", "lam": 0.0, "bidirectional": False}
     with pytest.raises(RuntimeError, match="fit"):
         classifier.predict(run.queries[0])
     with pytest.raises(ValueError, match="learned 'trn' head"):
-        FewShotClassifier(classifier.checkpoint, method="trn")
+        FewShotClassifier(classifier.model, method="trn")
     only_clip = str(run.support / run.classes[1] / "a")
     support = {
         "first": [str(run.support / run.classes[0] / "a.mp4"), run.corrupt],
@@ -234,7 +234,7 @@ def test_checkpoint_resolution_and_a_checkpoint_that_does_not_fit_its_config(run
     config["model"]["arch"] = "resnet18"
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointMismatchError, match="model.arch='resnet18'"):
-        load_checkpoint(copy / "checkpoints" / "2")
+        load_trained_model(copy / "checkpoints" / "2")
 
 
 def test_class_distances_average_any_number_of_clips_per_class():

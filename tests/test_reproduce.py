@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tam_jax import reproduce, train
+from tam_jax import evaluate, reproduce, train
 from tests.helpers import REPO, flags_for, tiny_config
 
 
@@ -42,7 +42,7 @@ def test_tables_train_every_run_once_then_reuse_it(tmp_path, monkeypatch):
 
     with monkeypatch.context() as patch:
         patch.setattr(train, "train", fail)
-        patch.setattr(train, "evaluate_checkpoint", fail)
+        patch.setattr(evaluate, "evaluate_checkpoint", fail)
         assert reproduce.reproduce(config, str(tmp_path), table=1, shots=(1,)) == cells
 
     # Table 2 from the command line: the TAM run is Table 1's, scored with every alignment scorer.
@@ -60,7 +60,7 @@ def test_tables_train_every_run_once_then_reuse_it(tmp_path, monkeypatch):
     # More steps: the unfinished run is handed to train.train, which resumes it (tests/test_train.py).
     config.train.num_steps = 3
     trained = []
-    monkeypatch.setattr(train, "train", lambda run, workdir: trained.append((run.alignment.method, workdir)))
+    monkeypatch.setattr(train, "train", lambda run, workdir: trained.append((run.fewshot.scorer, workdir)))
     reproduce.reproduce(config, str(tmp_path), table=1, shots=(1,), methods=("tsn",))
     assert trained == [("tsn", str(tmp_path / "tsn_1shot"))]
 

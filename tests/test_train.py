@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from tam_jax import evaluate, train
+from tam_jax import evaluate, hosts, models, train, train_state
 from tam_jax.configuration import validate
 from tests.helpers import REPO, flags_for, load_config, read_params, tiny_config
 
@@ -23,7 +23,7 @@ def test_train_and_evaluate_writes_checkpoints_logs_and_results(tmp_path, monkey
     config.eval.shots = "1,2"
     monkeypatch.chdir(tmp_path.parent)  # a relative workdir, as users type it
     train.train(config, tmp_path.name)
-    records = train.evaluate_checkpoint(config, tmp_path.name)
+    records = evaluate.evaluate_checkpoint(config, tmp_path.name)
 
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 6 and 3 in steps  # latest kept, and step 3 holds a validation accuracy
@@ -87,10 +87,10 @@ def test_resume_after_sigterm_ends_where_an_uninterrupted_run_does(tmp_path):
 
 
 def one_step(config, batch):
-    mesh = train.make_mesh(config)
-    model = train.build_model(config)
-    optimizer = train.make_optimizer(config)
-    state = train.create_train_state(config, model, optimizer, mesh)
+    mesh = hosts.make_mesh(config.mesh.num_devices)
+    model = models.build_embedder(config.model)
+    optimizer = train_state.make_optimizer(config)
+    state = train_state.create_train_state(config, model, optimizer, mesh)
     step = train.make_train_step(config, model, optimizer, mesh)
     state, metrics = step(state, train.shard_batch(batch, mesh))
     return jax.device_get(state.params), jax.device_get(metrics)
@@ -159,10 +159,10 @@ def test_config_errors_name_the_key_before_any_compute(tmp_path):
     config = tiny_config()
     config.fewshot.way = 11  # the demo's test split has 10 classes
     with pytest.raises(ValueError, match="10"):
-        train.evaluate_checkpoint(config, str(tmp_path))
+        evaluate.evaluate_checkpoint(config, str(tmp_path))
     config = tiny_config()
-    config.alignment.method = "otam"
-    with pytest.raises(ValueError, match="config.alignment.method"):
+    config.fewshot.scorer = "otam"
+    with pytest.raises(ValueError, match="config.fewshot.scorer"):
         validate(config)
     result = subprocess.run(
         [sys.executable, "-m", "tam_jax.main", "--config=configs/demo.py", f"--workdir={tmp_path}",
@@ -173,26 +173,29 @@ def test_config_errors_name_the_key_before_any_compute(tmp_path):
 
 
 def test_cached_embeddings_give_the_same_accuracy_as_embedding_each_episode(tmp_path):
+    from tam_jax.data import pipeline
     from tam_jax.data.clips import load_clip
     from tam_jax.data.episodes import EpisodeSampler
     from tam_jax.data.report import SkipReport
+    from tam_jax.embedding import Embedder, embed_share
 
     config = tiny_config()
     config.mesh.num_devices = 1
-    mesh = train.make_mesh(config)
-    model = train.build_model(config)
-    state = train.create_train_state(config, model, train.make_optimizer(config), mesh)
-    split = train.prepare_split(config, "test", SkipReport())
-    frames, labels = train.load_split_frames(config, split, SkipReport())
-    embeddings = train.embed_split(config, state, model, mesh, frames)
+    mesh = hosts.make_mesh(config.mesh.num_devices)
+    model = models.build_embedder(config.model)
+    state = train_state.create_train_state(config, model, train_state.make_optimizer(config), mesh)
+    split = pipeline.prepare_split(config, "test", SkipReport())
+    clips = pipeline.load_clip_share(config, split, SkipReport())
+    embedder = Embedder(model, train_state.embedder_variables(state), mesh, config.eval.embed_batch_size)
+    embeddings, labels = embed_share(embedder, clips), clips.labels
     scorers = ("tam", "mean", "tsn")
     kwargs = dict(way=5, shot=1, queries=2, seed=3, scorers=scorers, lam=0.1, bidirectional=False)
-    cached = evaluate.evaluate_cached(embeddings, labels, num_episodes=6, episodes_per_batch=4,
-                                      progress=False, **kwargs)
+    cached = evaluate.evaluate_embeddings(embeddings, labels, num_episodes=6, episodes_per_batch=4,
+                                          show_progress=False, **kwargs)
 
     sampler = EpisodeSampler(labels, way=5, shot=1, queries=2, seed=3)
-    variables = train.embedding_variables(state)
-    spec = train.clip_spec(config)
+    variables = train_state.embedder_variables(state)
+    spec = pipeline.clip_spec(config)
     for index in range(6):
         episode = sampler.episode(index)
         rows = np.concatenate([episode.support.reshape(-1), episode.query])
@@ -219,3 +222,21 @@ def test_write_results_merges_by_split_scorer_way_and_shot(tmp_path):
     assert mean == pytest.approx(2 / 3)
     assert ci95 == pytest.approx(1.959964 * np.std([1, 1, 0], ddof=1) / np.sqrt(3))
     assert "66.67" in evaluate.format_results(merged)
+
+
+def test_renamed_config_keys_still_work_with_a_warning(tmp_path):
+    from tam_jax.checkpoints import read_config
+    from tam_jax.configuration import upgrade_config
+
+    config = tiny_config()
+    config.alignment.method = "mean"  # the old name of fewshot.scorer
+    with pytest.warns(FutureWarning, match="config.fewshot.scorer"):
+        validate(config)
+    assert config.fewshot.scorer == "mean" and config.alignment.method == ""
+    # A workdir written before the rename reads back with the new key, silently.
+    old = tiny_config().to_dict()
+    old["alignment"]["method"] = "plain_dtw"
+    del old["fewshot"]["scorer"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert read_config(tmp_path).fewshot.scorer == "plain_dtw"
+    assert upgrade_config(tiny_config()).fewshot.scorer == "tam"  # nothing renamed: unchanged

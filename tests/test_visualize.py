@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from tam_jax import alignment, visualize
-from tam_jax.classifier import load_checkpoint
+from tam_jax.inference import load_trained_model
 from tests.test_predict import trained_run
 
 
@@ -52,7 +52,7 @@ def test_pair_writes_a_png_and_its_numbers_and_draws_the_tam_path(run, tmp_path,
     assert record["soft_distance"] <= record["hard_distance"] + 1e-6
 
     # The figure's overlay is the hard path of the figure's own distance matrix, on both panels.
-    checkpoint = load_checkpoint(run.workdir)
+    checkpoint = load_trained_model(run.workdir)
     figure, record = visualize.pair_figure(checkpoint, run.queries[1], run.queries[2], lam=0.1)
     expected = np.argwhere(np.asarray(alignment.alignment_path(np.array(record["distance"], np.float32))))
     overlays = path_overlay(figure)

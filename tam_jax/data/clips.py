@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from tam_jax.data.report import ClipError, VideoError
 from tam_jax.data.sampling import MODES, tsn_frame_indices
-from tam_jax.data.sources import VideoSource
+from tam_jax.data.sources import PathSource, VideoSource
 from tam_jax.data.transforms import test_transform, train_transform
 
 
@@ -56,3 +61,28 @@ def load_clip(
     return train_transform(
         frames, rng, resize=spec.resize, crop=spec.crop, flip=spec.flip, square=spec.square
     )
+
+
+def read_clips(
+    paths: Sequence[str | os.PathLike], spec: ClipSpec, *, num_threads: int = 4
+) -> Iterator[tuple[int, np.ndarray | ClipError]]:
+    """(index, uint8 `[T, crop, crop, 3]` test-time clip or ClipError) for each path (a video file or a
+    frame folder), in order, decoded by `num_threads` threads a few clips ahead of the consumer (memory
+    stays bounded)."""
+    source = PathSource(paths)
+
+    def read(index: int):
+        try:
+            return index, load_clip(source, index, spec)
+        except VideoError as e:
+            return index, ClipError(str(paths[index]), e.reason)
+
+    threads = max(1, num_threads)
+    with ThreadPoolExecutor(threads) as pool:
+        pending = collections.deque()
+        for index in range(len(paths)):
+            pending.append(pool.submit(read, index))
+            if len(pending) > 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

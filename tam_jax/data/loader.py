@@ -30,6 +30,7 @@ from tam_jax.data.clips import ClipSpec, load_clip
 from tam_jax.data.episodes import Episode, EpisodeSampler, batch_episode_indices
 from tam_jax.data.report import Skipped, SkipReport, VideoError
 from tam_jax.data.sources import VideoSource
+from tam_jax.progress import bar as progress_bar
 
 # More batches than any run takes: the training stream is endless in practice.
 _ENDLESS = 2**62
@@ -198,7 +199,7 @@ class TrainBatches(Iterator[dict]):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class SplitArrays:
+class LoadedClips:
     """A split's clips for evaluation.
 
     frames: uint8 [N, T, crop, crop, 3]; labels: int32 [N] class index within the split; items:
@@ -242,8 +243,8 @@ def load_split(
     num_threads: int = 1,
     report: SkipReport | None = None,
     progress: bool = True,
-) -> SplitArrays:
-    """Loads `items` (default: all) of `source` with test transforms; see `SplitArrays`."""
+) -> LoadedClips:
+    """Loads `items` (default: all) of `source` with test transforms; see `LoadedClips`."""
     items = np.arange(len(source)) if items is None else np.asarray(items, np.int64)
     report = report if report is not None else SkipReport()
     num_chunks = -(-len(items) // chunk_size)
@@ -258,11 +259,7 @@ def load_split(
         num_threads,
         prefetch=2,
     )
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(items), desc="Loading videos", unit="video")
+    bar = progress_bar(len(items), "Loading videos", "video", enabled=progress)
     try:
         for chunk in iterator:
             n = len(chunk["items"])
@@ -271,14 +268,12 @@ def load_split(
             num_kept += n
             num_skipped += len(chunk["skipped"])
             report.extend(chunk["skipped"])
-            if bar is not None:
-                bar.update(n + len(chunk["skipped"]))
+            bar.update(n + len(chunk["skipped"]))
             del chunk
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         if hasattr(iterator, "close"):
             iterator.close()
     kept_items = np.concatenate(kept) if kept else np.zeros((0,), np.int64)
     labels = np.array([source.label(int(i)) for i in kept_items], np.int32)
-    return SplitArrays(frames[:num_kept], labels, kept_items, num_skipped)
+    return LoadedClips(frames[:num_kept], labels, kept_items, num_skipped)

@@ -31,6 +31,17 @@ class VideoError(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
+class ClipError:
+    """A clip given by path (prediction, figures) that could not be used, and why."""
+
+    path: str
+    error: str
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "error": self.error}
+
+
+@dataclasses.dataclass(frozen=True)
 class Skipped:
     path: str
     reason: str

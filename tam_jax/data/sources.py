@@ -34,6 +34,7 @@ from tam_jax.data import frames as frames_lib
 from tam_jax.data import videos as videos_lib
 from tam_jax.data.report import SkipReport, VideoError
 from tam_jax.data.splits import VIDEO_SUFFIXES, Split, find_split_files, read_split_list, video_id
+from tam_jax.progress import track
 
 SOURCE_KINDS = ("demo", "frames", "videos", "tfds")
 
@@ -180,6 +181,43 @@ class VideoFileSource(_SplitFiles):
         return videos_lib.read_video(self.path(index), frame_indices, self._num_frames.get(index))
 
 
+class PathSource:
+    """A `VideoSource` over a list of paths, each a video file or a frame folder (label 0)."""
+
+    class_names: tuple[str, ...] = ()
+
+    def __init__(self, paths: Sequence[str | os.PathLike]):
+        self.paths = [Path(p) for p in paths]
+        self._num_frames: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def label(self, index: int) -> int:
+        return 0
+
+    def location(self, index: int) -> str:
+        return str(self.paths[index])
+
+    def num_frames(self, index: int) -> int:
+        if index not in self._num_frames:
+            path = self.paths[index]
+            if path.is_dir():
+                count = len(frames_lib.list_frames(path))
+            elif path.exists():
+                count = videos_lib.count_frames(path)
+            else:
+                raise VideoError(path, "no such video file or frame folder")
+            self._num_frames[index] = count
+        return self._num_frames[index]
+
+    def read(self, index: int, frame_indices: Sequence[int]) -> np.ndarray:
+        path = self.paths[index]
+        if path.is_dir():
+            return frames_lib.read_frames(path, frame_indices)
+        return videos_lib.read_video(path, frame_indices, self.num_frames(index))
+
+
 def find_usable(
     source: VideoSource,
     report: SkipReport,
@@ -204,11 +242,7 @@ def find_usable(
     indices = np.arange(len(source)) if indices is None else np.asarray(indices, np.int64)
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
         results = pool.map(check, indices)
-        if progress:
-            from tqdm.auto import tqdm
-
-            results = tqdm(results, total=len(indices), desc="Checking videos", unit="video")
-        usable = list(results)
+        usable = list(track(results, len(indices), "Checking videos", "video", enabled=progress))
     return indices[np.array(usable, bool)].astype(np.int64)
 
 

@@ -5,6 +5,7 @@ from tam_jax.models.embedder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     FrameEmbedder,
+    build_embedder,
     embedder_variables_from_backbone,
     normalize_imagenet,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "IMAGENET_STD",
     "FrameEmbedder",
     "ResNet",
+    "build_embedder",
     "create_backbone",
     "embedder_variables_from_backbone",
     "feature_dim",

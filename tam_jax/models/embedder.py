@@ -66,3 +66,9 @@ def embedder_variables_from_backbone(variables: dict) -> dict:
     nested the same way.
     """
     return {collection: {BACKBONE_NAME: tree} for collection, tree in variables.items()}
+
+
+def build_embedder(model_config) -> FrameEmbedder:
+    """The embedder `config.model` describes (arch, dtype, freeze_bn)."""
+    return FrameEmbedder(arch=model_config.arch, dtype=jnp.dtype(model_config.dtype),
+                         freeze_bn=model_config.freeze_bn)
