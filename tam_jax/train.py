@@ -218,6 +218,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
     Writes `workdir/checkpoints/` (Orbax), `workdir/tensorboard/`, `workdir/train_log.jsonl` (one JSON
     record per logged step) and `workdir/config.json`. Returns the final state.
+
+    One function on purpose: the order of step, log, validate, save and stop reads top to bottom.
     """
     from tam_jax.data.report import SkipReport
 

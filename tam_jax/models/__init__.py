@@ -1,6 +1,6 @@
-"""Backbones (torchvision-layout ResNets), the frame embedder and backbone checkpoints."""
+"""Backbones (torchvision-layout ResNets), the frame embedder and backbone files."""
 
-from tam_jax.models.checkpoint import load_backbone, read_backbone_metadata, save_backbone
+from tam_jax.models.backbone_files import load_backbone, read_backbone_metadata, save_backbone
 from tam_jax.models.embedder import (
     IMAGENET_MEAN,
     IMAGENET_STD,

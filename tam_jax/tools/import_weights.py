@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tam_jax.models.checkpoint import save_backbone
+from tam_jax.models.backbone_files import save_backbone
 from tam_jax.models.resnet import ARCHS, abstract_variables, feature_dim
 
 CLASSIFIER_KEYS = ("fc.weight", "fc.bias")  # the ImageNet head; backbones end at the pooling

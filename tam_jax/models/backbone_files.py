@@ -1,4 +1,4 @@
-"""Backbone checkpoints on disk: a directory holding the variables and what built them.
+"""Backbone files on disk: a directory holding the variables and what built them.
 
     DIR/backbone.json   {"format": "tam_jax.backbone", "format_version": 1, "arch": ...,
                          "feature_dim": ..., plus free-form provenance such as "source"}
