@@ -162,14 +162,17 @@ def validate(config: ml_collections.ConfigDict, training: bool = True) -> None:
     if data.kind not in ("demo", "frames", "videos", "tfds"):
         fail("data.kind", f"{data.kind!r} is not one of 'demo', 'frames', 'videos', 'tfds'.")
     if data.kind in ("frames", "videos"):
+        from tam_jax.data.layouts import has_split_folders
+
         if not data.root:
             fail("data.root", f"is empty; set --config.data.root=DIR, the folder of your {data.kind}.")
-        if not data.split_dir:
-            fail("data.split_dir", "is empty; set --config.data.split_dir=DIR, the folder of the split "
-                 "lists (one per split, named with train / val / test).")
         for key in ("root", "split_dir"):
-            if not os.path.isdir(data[key]):
+            if data[key] and not os.path.isdir(data[key]):
                 fail(f"data.{key}", f"{data[key]!r} is not a folder; point it at an existing one.")
+        if not data.split_dir and not has_split_folders(data.root):
+            fail("data.split_dir", f"is empty and data.root={data.root!r} has no train/ val/ test/ "
+                 "folders; set --config.data.split_dir=DIR, the folder of the split lists (one per split, "
+                 f"named with train / val / test), or lay the data out as {data.root}/train/<class>/<video>.")
     if data.kind == "tfds" and not data.tfds_name:
         fail("data.tfds_name", "is empty; set e.g. --config.data.tfds_name=kinetics100_fewshot.")
     if data.image_size > data.resize:

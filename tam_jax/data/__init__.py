@@ -4,6 +4,8 @@ Modules (each imported on first use, so `import tam_jax.data` pulls in neither P
 tensorflow_datasets):
 
 - `splits`: split list files -> `Split` (classes and their videos).
+- `layouts`: split folders (``<root>/{train,val,test}/<class>/<video>``), hidden entries, and what
+  to say when a split's videos are found nowhere.
 - `sources`: `VideoSource` and the frame-folder / video-file sources, `find_usable`, `build_source`.
 - `frames`, `videos`: reading JPEG frame folders and video files (PyAV).
 - `sampling`, `transforms`, `clips`: which frames, how they are resized/cropped/flipped, one item ->

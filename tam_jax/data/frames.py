@@ -2,7 +2,10 @@
 
 A folder holds one video's frames, named with a number (``00000001.jpg``, ``img_00001.jpg``,
 ``frame12.jpg``); frames are ordered by the last number in the name, so ``frame10`` follows
-``frame9``. Errors are `VideoError`s naming the folder or the JPEG at fault.
+``frame9``. Hidden files (``.DS_Store``, ``._00001.jpg``) are not frames. A folder that also holds
+optical flow, as TSN/MMAction extractions write it (``img_00001.jpg`` beside ``flow_x_00001.jpg``
+and ``flow_y_00001.jpg``, or ``x_00001.jpg`` and ``y_00001.jpg``), is read as its RGB frames only.
+Errors are `VideoError`s naming the folder or the JPEG at fault.
 """
 
 from __future__ import annotations
@@ -20,6 +23,13 @@ from tam_jax.data.report import VideoError
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 _NUMBER = re.compile(r"(\d+)(?!.*\d)")
+# Optical-flow frames of TSN's dense_flow (flow_x_00001.jpg) and MMAction's denseflow (x_00001.jpg).
+_FLOW = re.compile(r"^(flow_)?[xy]_\d", re.IGNORECASE)
+
+
+def is_flow_frame(name: str) -> bool:
+    """True for an optical-flow frame name: ``flow_x_00001.jpg``, ``flow_y_...``, ``x_00001.jpg``."""
+    return bool(_FLOW.match(name))
 
 
 def _frame_order(name: str) -> tuple[int, str]:
@@ -35,9 +45,11 @@ def list_frames(folder: str | Path) -> list[str]:
         raise VideoError(folder, "frame folder is missing") from None
     except OSError as e:
         raise VideoError(folder, f"frame folder cannot be listed ({e.strerror or e})") from None
-    frames = [n for n in names if n.lower().endswith(FRAME_SUFFIXES) and not n.startswith(".")]
+    images = [n for n in names if n.lower().endswith(FRAME_SUFFIXES) and not n.startswith(".")]
+    frames = [n for n in images if not is_flow_frame(n)]
     if not frames:
-        raise VideoError(folder, "frame folder holds no .jpg/.jpeg/.png frames")
+        what = "only optical-flow frames (x_/y_ or flow_x_/flow_y_), no RGB" if images else "no"
+        raise VideoError(folder, f"frame folder holds {what} .jpg/.jpeg/.png frames")
     return sorted(frames, key=_frame_order)
 
 

@@ -112,13 +112,24 @@ def _allow_grain_workers() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def read_options(num_threads: int, prefetch: int) -> tuple[int, int]:
+    """(threads, buffered elements) of grain's `ReadOptions` for this process.
+
+    grain warns, and says it may one day refuse, when the buffer is smaller than the threads filling
+    it; the buffer therefore holds at least one element per thread.
+    """
+    threads = max(1, num_threads)
+    return threads, max(threads, prefetch, 1)
+
+
 def _grain_iterator(
     map_fn, start: int, stop: int, num_workers: int, num_threads: int, prefetch: int
 ):
     import grain
 
     dataset = grain.MapDataset.range(start, stop).map(map_fn)
-    read = grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=max(1, prefetch))
+    threads, buffer = read_options(num_threads, prefetch)
+    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer)
     iter_dataset = dataset.to_iter_dataset(read)
     if num_workers > 0:
         _allow_grain_workers()

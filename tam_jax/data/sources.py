@@ -11,9 +11,13 @@ frame_indices)` returns uint8 [T, H, W, 3], and bad input raises `VideoError`. I
 - `tam_jax.data.tfds_source.TfdsSource`: a split built by `tam_jax.data.tfds_builders`.
 - `tam_jax.data.demo.DemoSource`: the generated demo dataset, rendered in memory.
 
-Paths are looked up as the public codebases lay them out: under the class name as listed, with
-spaces turned into underscores (Kinetics folders come both ways), under the folder a ``//`` list
-line names, and flat under `root`.
+Paths are looked up as the public codebases lay them out (`candidate_paths`): under the class name
+as listed, with spaces turned into underscores (Kinetics folders come both ways), under the folder a
+``//`` list line names, and flat under `root`, and all of these again inside the split's folder
+(``<root>/test/test0/10430`` for the line ``test0/10430`` of the test list). Without split lists, a
+root of split folders (``<root>/{train,val,test}/<class>/<video>``) names the classes and videos
+itself; see `tam_jax.data.layouts`. A missing video's skip entry names the paths tried, and a split
+none of whose videos is found is an error saying which layouts were tried and what is on disk.
 
 `find_usable` checks every item once before training (cheap: it counts frames, from a folder listing
 or the video's metadata), records the bad ones in a `SkipReport` and returns the rest.
@@ -23,7 +27,7 @@ or the video's metadata), records the bad ones in a `SkipReport` and returns the
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, runtime_checkable
@@ -32,6 +36,13 @@ import numpy as np
 
 from tam_jax.data import frames as frames_lib
 from tam_jax.data import videos as videos_lib
+from tam_jax.data.layouts import (
+    describe_missing,
+    format_tried,
+    has_split_folders,
+    read_split_folder,
+    split_folder_names,
+)
 from tam_jax.data.report import SkipReport, VideoError
 from tam_jax.data.splits import VIDEO_SUFFIXES, Split, find_split_files, read_split_list, video_id
 from tam_jax.progress import track
@@ -79,52 +90,95 @@ class DirListings:
         return path.name in names
 
 
-def resolve_video(
-    root: Path, class_name: str, reference: str, kind: str, listings: DirListings | None = None
-) -> tuple[Path | None, Path]:
-    """(path found or None, the most likely path for error messages) of a listed video.
+def candidate_paths(
+    root: Path,
+    class_name: str,
+    reference: str,
+    kind: str,
+    split: str | None = None,
+    listings: DirListings | None = None,
+) -> Iterator[Path]:
+    """Where a listed video may be, in lookup order (lazily: resolving stops at the first hit).
 
     kind: "frames" (a folder of JPEGs), "videos" (a file with a suffix of `VIDEO_SUFFIXES`) or "any"
-    (either; folders first). Looks under the class name as listed, with spaces as underscores, under
-    the folder a ``//`` line names, and flat under `root`.
+    (either; folders first). Under `root`, then under the split's folder (``root/<split>``,
+    ``root/<split>_256``) when it exists: the class name as listed, with spaces as underscores, the
+    folder a ``//`` line names, and flat. A relative path (a ``//`` line, a split folder entry) is
+    tried as given first.
     """
     listings = listings or DirListings()
     ref = PurePosixPath(reference)
     stem = video_id(reference)
     folders = [class_name, class_name.replace(" ", "_")]
-    stems = []
-    if (
-        len(ref.parts) > 1
-    ):  # A relative path from a ``//`` list: as given, then by its class folder.
+    stems, files = [], []
+    if len(ref.parts) > 1:  # A relative path: as given, then by its class folder.
+        if ref.suffix.lower() in VIDEO_SUFFIXES:
+            files.append(root.joinpath(*ref.parts))
         stems.append(root.joinpath(*ref.parent.parts, stem))
         folders.append(ref.parent.name)
-    stems += [root / folder / stem for folder in dict.fromkeys(folders)]
-    stems.append(root / stem)
-    files = [s.with_name(s.name + ext) for s in stems for ext in VIDEO_SUFFIXES]
-    candidates = {"frames": stems, "videos": files, "any": stems + files}[kind]
-    found = next((p for p in candidates if listings.exists(p)), None)
-    return found, candidates[0]
+    bases = [root] + [
+        root / name for name in (split_folder_names(split) if split else ()) if listings.exists(root / name)
+    ]
+    for base in bases:
+        stems += [base / folder / stem for folder in dict.fromkeys(folders)]
+        stems.append(base / stem)
+    stems = list(dict.fromkeys(stems))
+    if kind in ("frames", "any"):
+        yield from stems
+    if kind in ("videos", "any"):
+        yield from dict.fromkeys(files + [s.with_name(s.name + ext) for s in stems for ext in VIDEO_SUFFIXES])
+
+
+def resolve_video(
+    root: Path,
+    class_name: str,
+    reference: str,
+    kind: str,
+    listings: DirListings | None = None,
+    split: str | None = None,
+) -> tuple[Path | None, Path]:
+    """(path found or None, the most likely path for error messages) of a listed video; the paths
+    tried are `candidate_paths`."""
+    listings = listings or DirListings()
+    candidates = candidate_paths(root, class_name, reference, kind, split, listings)
+    first = next(candidates)
+    found = first if listings.exists(first) else next((p for p in candidates if listings.exists(p)), None)
+    return found, first
 
 
 class _SplitFiles:
     """A split's items resolved to paths under a root: the part both file sources share."""
 
-    def __init__(self, root: str | Path, split: Split, kind: str):
+    def __init__(self, root: str | Path, split: Split, kind: str, origin: str | None = None):
+        """origin: where the split comes from, for errors (default: "the <name> split")."""
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"Data root {self.root} does not exist or is not a folder.")
         self.split = split
+        self._kind = kind
         self._what = {"frames": "frame folder", "videos": "video file"}[kind]
         self._items = split.items()
         self._labels = np.array([c for _, c in self._items], np.int64)
         listings = DirListings()
         resolved = [
-            resolve_video(self.root, split.classes[c], ref, kind, listings)
+            resolve_video(self.root, split.classes[c], ref, kind, listings, split.name)
             for ref, c in self._items
         ]
         self._paths: list[Path | None] = [found for found, _ in resolved]
         self._expected: list[Path] = [expected for _, expected in resolved]
         self._num_frames: dict[int, int] = {}
+        if self._items and not any(self._paths):
+            raise FileNotFoundError(
+                describe_missing(
+                    self.root, split, kind, self._tried(0), origin or f"the {split.name} split"
+                )
+            )
+
+    def _tried(self, index: int) -> list[Path]:
+        reference, c = self._items[index]
+        return list(
+            candidate_paths(self.root, self.split.classes[c], reference, self._kind, self.split.name)
+        )
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -143,7 +197,7 @@ class _SplitFiles:
             raise VideoError(
                 self._expected[index],
                 f"missing: no {self._what} for {self.split.classes[c]}/{reference} "
-                f"under {self.root}",
+                f"under {self.root}; tried {format_tried(self._tried(index))}",
             )
         return path
 
@@ -154,8 +208,8 @@ class _SplitFiles:
 class FrameFolderSource(_SplitFiles):
     """One split's videos as folders of numbered JPEGs (layouts: see the module docstring)."""
 
-    def __init__(self, root: str | Path, split: Split):
-        super().__init__(root, split, "frames")
+    def __init__(self, root: str | Path, split: Split, origin: str | None = None):
+        super().__init__(root, split, "frames", origin)
 
     def num_frames(self, index: int) -> int:
         if index not in self._num_frames:
@@ -169,8 +223,8 @@ class FrameFolderSource(_SplitFiles):
 class VideoFileSource(_SplitFiles):
     """One split's videos stored as video files, decoded with PyAV up to the last frame needed."""
 
-    def __init__(self, root: str | Path, split: Split):
-        super().__init__(root, split, "videos")
+    def __init__(self, root: str | Path, split: Split, origin: str | None = None):
+        super().__init__(root, split, "videos", origin)
 
     def num_frames(self, index: int) -> int:
         if index not in self._num_frames:
@@ -280,11 +334,15 @@ def build_source(
         raise ValueError(f"Unknown data source kind {kind!r}; use one of {SOURCE_KINDS}.")
     if root is None:
         raise ValueError(f"build_source(kind={kind!r}) needs root: the folder holding the {kind}.")
-    if split_list is None:
-        if split_dir is None:
-            raise ValueError(f"build_source(kind={kind!r}) needs split_list or split_dir.")
-        split_list = find_split_files(split_dir)[split]
-    split_obj = read_split_list(split_list, split)
-    return (
-        FrameFolderSource(root, split_obj) if kind == "frames" else VideoFileSource(root, split_obj)
-    )
+    if split_list is None and split_dir is None:
+        if not has_split_folders(root):
+            raise ValueError(
+                f"build_source(kind={kind!r}) needs split_list or split_dir, or split folders "
+                f"{Path(root) / 'train'}/<class>/<video> (and val/, test/)."
+            )
+        split_obj, origin = read_split_folder(root, split, kind), None
+    else:
+        split_list = split_list or find_split_files(split_dir)[split]
+        split_obj, origin = read_split_list(split_list, split), f"the {split} list {split_list}"
+    cls = FrameFolderSource if kind == "frames" else VideoFileSource
+    return cls(root, split_obj, origin)

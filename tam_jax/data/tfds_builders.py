@@ -15,7 +15,8 @@ class names, every record's split-local label, stored frame count and video id, 
 were skipped with the reason. Unreadable or missing videos are logged, counted and skipped; the
 build goes on.
 
-Build (split lists in <manual_dir>, <manual_dir>/splits or --split_dir; videos below <manual_dir>):
+Build (split lists in <manual_dir>, <manual_dir>/splits or --split_dir, or no lists and split
+folders <manual_dir>/{train,val,test}/<class>/<video>; videos below <manual_dir>):
 
     python -m tam_jax.data.tfds_builders kinetics100_fewshot --manual_dir ~/k100 --data_dir ~/tfds
     python -m tam_jax.data.tfds_builders ssv2_fewshot --config full \
@@ -43,6 +44,7 @@ import tensorflow_datasets as tfds
 
 from tam_jax.data import frames as frames_lib
 from tam_jax.data import videos as videos_lib
+from tam_jax.data.layouts import has_split_folders, read_split_folder
 from tam_jax.data.report import Skipped, VideoError
 from tam_jax.data.sampling import tsn_frame_indices
 from tam_jax.data.sources import DirListings, resolve_video
@@ -58,10 +60,12 @@ Put in the manual folder (--manual_dir):
    train / val / test in its name, in either public format: `<class>/<video>` lines (CMN/ARN
    lists, e.g. trainlist03.txt) or `<split><index>//<path>` / `<split><index>/<id>` lines (e.g.
    train_few_shot.txt). {lists}
-   (Or give their folder with --split_dir, the builder argument `split_dir`.)
+   (Or give their folder with --split_dir, the builder argument `split_dir`.) Without lists,
+   split folders `train/<class>/<video>`, `val/...`, `test/...` name the classes and videos.
 2. The videos, as files (.mp4 .webm .avi .mkv .mov) or as folders of numbered JPEG frames, laid
    out as the lists name them: `<class>/<video>.mp4` or `<class>/<video>/00000001.jpg` (class
-   folders with spaces or underscores), a list line's own relative path, or flat: `<video>.webm`.
+   folders with spaces or underscores), a list line's own relative path, or flat: `<video>.webm`;
+   or any of these inside the split's folder (`test/test0/10430` for the line `test0/10430`).
    {videos}
    Symbolic links to an existing copy work.
 
@@ -160,10 +164,7 @@ class _FewshotVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
 
     def _split_generators(self, dl_manager):
         manual_dir = Path(dl_manager.manual_dir)
-        split_dir = Path(self._split_dir) if self._split_dir else manual_dir
-        if self._split_dir is None and (manual_dir / "splits").is_dir():
-            split_dir = manual_dir / "splits"
-        splits = read_splits(split_dir)
+        splits, split_dir = self._read_splits(manual_dir)
         self._check_sizes(splits, split_dir)
         names = [name for s in SPLIT_NAMES for name in splits[s].classes]
         if len(set(names)) != len(names):
@@ -179,6 +180,17 @@ class _FewshotVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
             generators[s] = self._generate_examples(manual_dir, splits[s], label_offset=offset)
             offset += len(splits[s].classes)
         return generators
+
+    def _read_splits(self, manual_dir: Path) -> tuple[dict[str, Split], Path]:
+        """The splits and where they were read: `split_dir`, else ``manual_dir/splits``, else lists in
+        `manual_dir`, else `manual_dir`'s split folders (``train/<class>/<video>``, ...)."""
+        if self._split_dir:
+            return read_splits(self._split_dir), Path(self._split_dir)
+        if (manual_dir / "splits").is_dir():
+            return read_splits(manual_dir / "splits"), manual_dir / "splits"
+        if not any(manual_dir.glob("*.txt")) and has_split_folders(manual_dir):
+            return {s: read_split_folder(manual_dir, s, "any") for s in SPLIT_NAMES}, manual_dir
+        return read_splits(manual_dir), manual_dir
 
     def _check_sizes(self, splits: dict[str, Split], split_dir: Path) -> None:
         config = self.builder_config
@@ -209,7 +221,9 @@ class _FewshotVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
         items = split.items()
         tasks = []
         for reference, c in items:
-            found, expected = resolve_video(root, split.classes[c], reference, "any", listings)
+            found, expected = resolve_video(
+                root, split.classes[c], reference, "any", listings, split.name
+            )
             path = str(found) if found else None
             tasks.append(
                 (path, str(expected), config.short_side, config.max_frames, config.jpeg_quality)
