@@ -1,6 +1,8 @@
 """torchvision weight import: key mapping, error reporting, and the test of record against
 torchvision's own ResNets (needs torch and torchvision, skipped without them)."""
 
+import functools
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from safetensors.numpy import save_file
 
 from tam_jax.models import (
     FrameEmbedder,
+    create_backbone,
     embedder_variables_from_backbone,
     load_backbone,
     normalize_imagenet,
@@ -255,3 +258,175 @@ def test_command_line(tmp_path, capsys):
     # A second run refuses to overwrite, with a non-zero exit status.
     assert iw.main(cmd[3:]) == 1
     assert "overwrite" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints as training code saves them: wrappers, a ResNet inside a larger model, nn.Sequential
+
+
+@functools.cache
+def _features_fn(arch):
+    """Jitted eval-mode backbone features, compiled once per arch and input shape for all forms."""
+    backbone = create_backbone(arch)
+    return jax.jit(lambda v, x: backbone.apply(v, x, train=False))
+
+
+def _torch_features(module, images):
+    """float32 [B, D] of a torch module (a ResNet without fc, or an nn.Sequential ending in avgpool)."""
+    import torch
+
+    with torch.no_grad():
+        out = module.eval()(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
+    return out.reshape(len(images), -1).numpy()
+
+
+def _check_import(src, want_module, tmp_path, arch="resnet18", prefix=None):
+    """Imports `src` and checks our features against `want_module`'s on random 64x64 frames to 1e-4;
+    returns the written metadata."""
+    out = iw.import_weights(src, arch, tmp_path / "out", prefix=prefix, overwrite=True)
+    _, variables = load_backbone(out)
+    frames = np.random.default_rng(3).integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8)
+    images = np.asarray(normalize_imagenet(frames))
+    with jax.default_matmul_precision("highest"):
+        got = _features_fn(arch)(variables, images)
+    assert _relative_error(got, _torch_features(want_module, images)) < 1e-4
+    return json.loads((out / "backbone.json").read_text())
+
+
+def _resnet_without_fc(seed=0):
+    model = _torchvision_reference("resnet18", seed)
+    import torch
+
+    model.fc = torch.nn.Identity()
+    return model
+
+
+@pytest.mark.parametrize("wrapper", ["model_state_dict", "state_dict", "model", "net", "backbone"])
+def test_training_checkpoints_are_unwrapped_and_their_other_entries_ignored(wrapper, tmp_path):
+    torch = pytest.importorskip("torch")
+    model = _torchvision_reference("resnet18", seed=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.zeros(1, 3, 32, 32)).sum().backward()
+    optimizer.step()  # a real optimizer state, with tensors, beside the weights
+    src = tmp_path / "checkpoint.pth"
+    torch.save(
+        {"iteration": 1200, wrapper: model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+         "args": {"lr": 0.1, "dataset": "ssv2"}},
+        src,
+    )
+    model.fc = torch.nn.Identity()
+    _check_import(src, model, tmp_path)
+
+
+class _Larger:
+    """Torch models that hold a ResNet-18 the way training code does (built on first use: torch is
+    optional)."""
+
+    @staticmethod
+    def build(attribute, sequential=False, seed=0):
+        import torch
+
+        resnet = _resnet_without_fc(seed)
+        if sequential:
+            resnet = torch.nn.Sequential(*list(_torchvision_reference("resnet18", seed).children())[:-1])
+        model = torch.nn.Module()
+        setattr(model, attribute, resnet)
+        model.head = torch.nn.Linear(512, 5)
+        model.register_buffer("proto_scale", torch.ones(1))
+        return model, resnet
+
+
+@pytest.mark.parametrize("attribute", ["backbone", "resnet", "encoder", "base_model"])
+def test_a_resnet_inside_a_larger_model_is_found_by_its_prefix(attribute, tmp_path):
+    torch = pytest.importorskip("torch")
+    model, resnet = _Larger.build(attribute)
+    src = tmp_path / "model.pth"
+    torch.save({"epoch": 30, "state_dict": model.state_dict()}, src)
+    metadata = _check_import(src, resnet, tmp_path)
+    assert (metadata["prefix"], metadata["layout"]) == (f"{attribute}.", "torchvision")
+    assert metadata["ignored_keys"] == 3  # head.weight, head.bias, proto_scale
+
+
+def test_data_parallel_prefix_and_an_explicit_prefix(tmp_path):
+    torch = pytest.importorskip("torch")
+    model, resnet = _Larger.build("backbone")
+    src = tmp_path / "dp.pth"
+    torch.save(torch.nn.DataParallel(model).state_dict(), src)  # every key: module.backbone.*
+    assert _check_import(src, resnet, tmp_path)["prefix"] == "backbone."
+    assert _check_import(src, resnet, tmp_path, prefix="module.backbone")["prefix"] == "backbone."
+    # Not every key under module.: the prefix is kept and still found.
+    mixed = {**{f"module.backbone.{k}": v.numpy() for k, v in resnet.state_dict().items()},
+             "queue": np.zeros((4, 8), np.float32)}
+    assert ("module.backbone.", "torchvision") in iw.backbone_candidates(mixed)
+    backbone = iw.select_backbone(mixed, "resnet18")
+    assert backbone.prefix == "module.backbone." and "conv1.weight" in backbone.state
+
+
+@pytest.mark.parametrize("children", ["[:-1]", "[:-2]", "resnet.[:-1]"])
+def test_the_sequential_resnet_of_the_few_shot_codebases(children, tmp_path):
+    torch = pytest.importorskip("torch")
+    reference = _torchvision_reference("resnet18", seed=2)
+    stop = -2 if children.endswith("[:-2]") else -1
+    sequential = torch.nn.Sequential(*list(reference.children())[:stop])
+    if children.startswith("resnet."):  # self.resnet = nn.Sequential(...) beside a head
+        model, sequential = _Larger.build("resnet", sequential=True, seed=2)
+        state = model.state_dict()
+    else:
+        state = sequential.state_dict()
+    assert "0.weight" in {k.removeprefix("resnet.") for k in state}
+    src = tmp_path / "sequential.pth"
+    torch.save({"model_state_dict": state, "iteration": 5}, src)
+    if stop == -2:  # No average pooling: torch's output is [B, 512, 2, 2]; pool it as torchvision does.
+        sequential = torch.nn.Sequential(sequential, torch.nn.AdaptiveAvgPool2d(1))
+    metadata = _check_import(src, sequential, tmp_path)
+    assert metadata["layout"] == "sequential"
+    assert metadata["prefix"] == ("resnet." if children.startswith("resnet.") else "")
+
+
+def test_two_complete_resnets_need_a_prefix(tmp_path):
+    """A MoCo-style checkpoint: query and key encoders are both complete ResNet-18s."""
+    torch = pytest.importorskip("torch")
+    query, key = _resnet_without_fc(seed=4), _resnet_without_fc(seed=5)
+    model = torch.nn.Module()
+    model.encoder_q, model.encoder_k = query, key
+    src = tmp_path / "moco.pth"
+    torch.save({"state_dict": torch.nn.DataParallel(model).state_dict(), "epoch": 200}, src)
+    with pytest.raises(ValueError, match="2 complete resnet18 backbones") as info:
+        iw.import_weights(src, "resnet18", tmp_path / "x")
+    assert "'encoder_k.' (torchvision)" in str(info.value) and "--prefix" in str(info.value)
+    args = ["--src", str(src), "--arch", "resnet18", "--out", str(tmp_path / "out"), "--prefix",
+            "module.encoder_q."]
+    assert iw.main(args) == 0
+    assert _check_import(src, query, tmp_path, prefix="encoder_q.")["prefix"] == "encoder_q."
+
+
+def test_an_unmatched_file_lists_the_prefixes_and_layouts_it_saw(tmp_path):
+    state = {
+        **{f"student.{k}": v for k, v in _random_state("resnet18", classifier=False).items()
+           if not k.startswith("layer4.")},
+        **{f"teacher.{k}": v for k, v in _random_state("resnet34", classifier=False).items()},
+        "head.weight": np.zeros((5, 512), np.float32),
+    }
+    with pytest.raises(ValueError) as info:
+        iw.select_backbone(state, "resnet18", source="kd.safetensors")
+    message = str(info.value)
+    assert "kd.safetensors holds no single complete torchvision or nn.Sequential resnet18" in message
+    assert "'student.' (torchvision layout" in message and "missing" in message
+    assert "'teacher.' (torchvision layout" in message and "fits resnet34" in message
+    assert "--prefix teacher. would select it" in message
+    assert "head.* (1 keys)" in message
+    # The prefix that fits another architecture, chosen: the usual strict error naming keys and arch.
+    with pytest.raises(ValueError, match="pass --arch resnet34"):
+        iw.convert_state_dict(iw.select_backbone(state, "resnet18", prefix="teacher").state, "resnet18")
+    with pytest.raises(ValueError, match="No key of .* starts with 'nope.'"):
+        iw.select_backbone(state, "resnet18", prefix="nope")
+
+
+def test_a_checkpoint_without_a_known_wrapper_names_what_it_holds(tmp_path):
+    torch = pytest.importorskip("torch")
+    src = tmp_path / "odd.pth"
+    torch.save({"iteration": 3, "weights": _resnet_without_fc().state_dict()}, src)
+    holds = r"entry 'iteration' is a int.*weights \(OrderedDict of \d+\)"
+    with pytest.raises(ValueError, match=holds) as info:
+        iw.read_state_dict(src)
+    assert "model_state_dict, state_dict, model, net, backbone" in str(info.value)

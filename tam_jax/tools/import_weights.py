@@ -1,18 +1,31 @@
 """Convert a torchvision ResNet state dict into a tam_jax backbone checkpoint.
 
     python -m tam_jax.tools.import_weights --src resnet50-11ad3fa6.pth --arch resnet50 --out DIR
+    python -m tam_jax.tools.import_weights --src checkpoint.pth --arch resnet50 --out DIR [--prefix backbone.]
 
-The source is a torchvision `state_dict()` saved as `.pth`/`.pt` (read with torch, imported only
-then) or as `.safetensors` (read with the safetensors package's numpy API; timm's
-`resnet50.tv_in1k` uses the same keys). The classifier `fc.*` is dropped, BatchNorm's
-`num_batches_tracked` counters are ignored, and every other key must match the architecture
-exactly. `DIR` is then readable by `tam_jax.models.load_backbone` and can be named as a config's
-`model.init_from`.
+The source is a `.pth`/`.pt` file (read with torch, imported only then) or a `.safetensors` file (read
+with the safetensors package's numpy API; timm's `resnet50.tv_in1k` uses torchvision's keys). It may be:
+
+- a torchvision `state_dict()`, or a training checkpoint holding one under `model_state_dict`,
+  `state_dict`, `model`, `net` or `backbone` (its other entries, such as `iteration` or
+  `optimizer_state_dict`, are ignored); a `module.` prefix (DataParallel) on every key is dropped;
+- the state dict of a larger model whose ResNet sits under a prefix (`backbone.`, `resnet.`,
+  `encoder.`, `base_model.`, `module.backbone.`, ...): found when exactly one prefix holds a complete
+  ResNet of `--arch`, or chosen with `--prefix`; the keys outside it are ignored;
+- a ResNet kept as `nn.Sequential(*list(resnet.children())[:-1])` (or `[:-2]`), as the public few-shot
+  action recognition code keeps it: keys `0.weight` (conv1), `1.*` (bn1), `4.N.*` .. `7.N.*`
+  (layer1..layer4), at the top or under a prefix.
+
+Within the backbone the classifier `fc.*` is dropped, BatchNorm's `num_batches_tracked` counters are
+ignored, and every other key must match the architecture exactly. A file that holds no such backbone
+is an error listing the prefixes and layouts seen and what `--prefix` would select. `DIR` is then
+readable by `tam_jax.models.load_backbone` and can be named as a config's `model.init_from`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import re
@@ -87,8 +100,9 @@ def _read_pth(path: Path) -> dict[str, np.ndarray]:
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise ValueError(
-                f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; "
-                "pass a plain state_dict()."
+                f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor. The file holds "
+                f"{_describe_entries(obj)}; weights are read from a plain state_dict() or from one "
+                f"under {', '.join(WRAPPER_KEYS)}: save the model's state_dict() under one of these."
             )
         if value.is_floating_point():
             value = value.detach().to(torch.float32)  # numpy has no bfloat16
@@ -96,14 +110,29 @@ def _read_pth(path: Path) -> dict[str, np.ndarray]:
     return _strip_module_prefix(arrays)
 
 
+WRAPPER_KEYS = ("model_state_dict", "state_dict", "model", "net", "backbone")
+
+
 def _unwrap_checkpoint(obj: object, path: Path) -> Mapping:
-    """The state dict inside `obj`: itself, or a training checkpoint's "state_dict"/"model"."""
+    """The state dict inside `obj`: the first entry of `WRAPPER_KEYS` that is a mapping (again, for a
+    wrapper inside a wrapper), else `obj` itself. The wrapper's siblings are ignored."""
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict.")
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj.get(wrapper), Mapping):
-            return obj[wrapper]
+    for _ in range(len(WRAPPER_KEYS)):
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
     return obj
+
+
+def _describe_entries(obj: Mapping) -> str:
+    """ "iteration (int), model_state (dict of 120)": what a checkpoint's top level holds."""
+    shown = [
+        f"{k} ({type(v).__name__}{f' of {len(v)}' if isinstance(v, Mapping) else ''})"
+        for k, v in list(obj.items())[:8]
+    ]
+    return ", ".join(shown) + (", ..." if len(obj) > 8 else "")
 
 
 def _strip_module_prefix(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -235,6 +264,136 @@ def convert_state_dict(
 
 
 # ---------------------------------------------------------------------------------------------
+# Finding the backbone in a larger state dict
+
+LAYOUTS = ("torchvision", "sequential")
+# nn.Sequential(*list(resnet.children())[:-1]) numbers torchvision's children: conv1, bn1, relu,
+# maxpool, layer1..layer4, avgpool, fc.
+_SEQUENTIAL_NAMES = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4",
+                     "9": "fc"}
+_ANCHORS = {"torchvision": ("conv1.weight", "layer1."), "sequential": ("0.weight", "4.")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """A ResNet found in a state dict: the `prefix` of its keys ("" at the top), their `layout`
+    ("torchvision" or "sequential"), and its arrays under torchvision key names (`state`)."""
+
+    prefix: str
+    layout: str
+    state: dict[str, np.ndarray]
+
+
+def under_prefix(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """The entries whose key starts with `prefix`, with the prefix removed."""
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def sequential_to_torchvision(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Keys of `nn.Sequential(*list(resnet.children())[:-1])` -> torchvision's: ``0.weight`` ->
+    ``conv1.weight``, ``1.running_mean`` -> ``bn1.running_mean``, ``4.0.conv1.weight`` ->
+    ``layer1.0.conv1.weight``. Other keys are kept (and then reported as unexpected)."""
+    renamed = {}
+    for key, value in state.items():
+        head, dot, rest = key.partition(".")
+        renamed[_SEQUENTIAL_NAMES.get(head, head) + dot + rest] = value
+    return renamed
+
+
+def backbone_candidates(state: Mapping[str, np.ndarray]) -> list[tuple[str, str]]:
+    """(prefix, layout) of every place that looks like the start of a ResNet: a ``conv1.weight`` with a
+    ``layer1.*`` beside it (torchvision) or a ``0.weight`` with a ``4.*`` (sequential)."""
+    found = set()
+    for key in state:
+        for layout, (anchor, sibling) in _ANCHORS.items():
+            if key == anchor or key.endswith("." + anchor):
+                prefix = key[: len(key) - len(anchor)]
+                if any(k.startswith(prefix + sibling) for k in state):
+                    found.add((prefix, layout))
+    return sorted(found)
+
+
+def extract_backbone(state: Mapping[str, np.ndarray], prefix: str, layout: str | None = None) -> Backbone:
+    """The keys under `prefix` as a torchvision-keyed `Backbone` (layout detected when not given)."""
+    sub = under_prefix(state, prefix)
+    if layout is None:
+        layout = "sequential" if "0.weight" in sub and "conv1.weight" not in sub else "torchvision"
+    return Backbone(prefix, layout, sequential_to_torchvision(sub) if layout == "sequential" else sub)
+
+
+def _prefix_arg(prefix: str) -> str:
+    return prefix or "''"
+
+
+def _fit_summary(backbone: Backbone, arch: str) -> str:
+    """ "fits resnet18" or "for resnet50: 3 missing, 1 unexpected, 0 mis-shaped keys"."""
+    guess = guess_arch(backbone.state)
+    if guess is not None:
+        return f"fits {guess}"
+    missing, unexpected, mismatched = find_mismatches(backbone.state, arch)
+    return (
+        f"for {arch}: {len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} mis-shaped "
+        "keys"
+    )
+
+
+def _describe_state(state: Mapping[str, np.ndarray], arch: str, source: str) -> str:
+    """What a file that holds no usable backbone does hold, and what `--prefix` would select."""
+    lines = []
+    candidates = backbone_candidates(state)
+    for prefix, layout in candidates:
+        backbone = extract_backbone(state, prefix, layout)
+        lines.append(
+            f"'{prefix}' ({layout} layout, {len(backbone.state)} keys, {_fit_summary(backbone, arch)}): "
+            f"--prefix {_prefix_arg(prefix)} would select it"
+        )
+    groups: dict[str, int] = {}
+    for key in state:
+        head = key.split(".", 1)[0] + "." if "." in key else key
+        groups[head] = groups.get(head, 0) + 1
+    shown = ", ".join(f"{g}* ({n} keys)" for g, n in list(groups.items())[:12])
+    seen = "; ".join(lines) or "no ResNet layout (conv1.weight with layer1.*, or 0.weight with 4.*)"
+    return (
+        f"{source} holds no single complete torchvision or nn.Sequential {arch}. Backbones seen: {seen}. "
+        f"Its keys start with: {shown}{', ...' if len(groups) > 12 else ''}. Layouts read: "
+        f"{', '.join(LAYOUTS)}, at the top or under a prefix."
+    )
+
+
+def select_backbone(
+    state: Mapping[str, np.ndarray], arch: str, *, prefix: str | None = None, source: str = "state dict"
+) -> Backbone:
+    """The `arch` ResNet inside `state`: under `prefix` ("" = the top; "backbone" or "backbone."),
+    else the only (prefix, layout) of `backbone_candidates` that matches `arch` exactly.
+
+    Raises ValueError, naming the keys at fault (one candidate) or listing the candidates seen and
+    what `--prefix` would select (none or several).
+    """
+    if prefix is not None:
+        prefix = prefix if not prefix or prefix.endswith(".") else prefix + "."
+        if prefix and not any(k.startswith(prefix) for k in state) and prefix.startswith("module."):
+            prefix = prefix[len("module.") :]  # read_state_dict dropped DataParallel's prefix
+        if prefix and not any(k.startswith(prefix) for k in state):
+            raise ValueError(
+                f"No key of {source} starts with {prefix!r}. {_describe_state(state, arch, source)}"
+            )
+        return extract_backbone(state, prefix)
+    candidates = [extract_backbone(state, p, layout) for p, layout in backbone_candidates(state)]
+    complete = [b for b in candidates if not any(find_mismatches(b.state, arch))]
+    if len(complete) == 1:
+        return complete[0]
+    if len(complete) > 1:
+        names = ", ".join(f"'{b.prefix}' ({b.layout})" for b in complete)
+        raise ValueError(
+            f"{source} holds {len(complete)} complete {arch} backbones, under {names}: choose one with "
+            f"--prefix, e.g. --prefix {_prefix_arg(complete[0].prefix)}."
+        )
+    if len(candidates) == 1:  # One ResNet that does not fit: name its keys.
+        return candidates[0]
+    raise ValueError(_describe_state(state, arch, source))
+
+
+# ---------------------------------------------------------------------------------------------
 # Command
 
 
@@ -246,19 +405,28 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def import_weights(src: str | Path, arch: str, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Convert the torchvision weights file `src` of `arch` into the backbone checkpoint `out`.
+def import_weights(
+    src: str | Path, arch: str, out: str | Path, *, prefix: str | None = None, overwrite: bool = False
+) -> Path:
+    """Convert the ResNet `arch` in the weights file `src` (see the module docstring for the forms
+    read; `prefix` as in `select_backbone`) into the backbone checkpoint `out`.
 
     Returns the absolute output directory; raises ValueError/FileNotFoundError/ImportError with
     what to do.
     """
     src = Path(src).expanduser().resolve()
     state = read_state_dict(src)
-    variables = convert_state_dict(state, arch, source=str(src))
+    backbone = select_backbone(state, arch, prefix=prefix, source=str(src))
+    where = f" (keys under '{backbone.prefix}')" if backbone.prefix else ""
+    where += ", nn.Sequential layout" if backbone.layout == "sequential" else ""
+    variables = convert_state_dict(backbone.state, arch, source=f"{src}{where}")
     metadata = {
         "source": str(src),
         "source_sha256": _sha256(src),
-        "dropped_keys": sorted(k for k in state if k in CLASSIFIER_KEYS),
+        "prefix": backbone.prefix,
+        "layout": backbone.layout,
+        "dropped_keys": sorted(k for k in backbone.state if k in CLASSIFIER_KEYS),
+        "ignored_keys": len(state) - len(backbone.state),
         "converted_by": "tam_jax.tools.import_weights",
     }
     return save_backbone(out, arch, variables, metadata=metadata, overwrite=overwrite)
@@ -267,16 +435,22 @@ def import_weights(src: str | Path, arch: str, out: str | Path, *, overwrite: bo
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tam_jax.tools.import_weights",
-        description="Convert torchvision ResNet weights (.pth or .safetensors) into a tam_jax "
-        "backbone checkpoint for tam_jax.models.load_backbone / config.model.init_from.",
+        description="Convert torchvision ResNet weights (.pth or .safetensors; a state dict, a training "
+        "checkpoint, a larger model holding a ResNet, or an nn.Sequential ResNet) into a tam_jax backbone "
+        "checkpoint for tam_jax.models.load_backbone / config.model.init_from.",
     )
-    parser.add_argument("--src", required=True, help="torchvision state dict, .pth or .safetensors")
+    parser.add_argument("--src", required=True, help="weights file, .pth or .safetensors")
     parser.add_argument("--arch", required=True, choices=sorted(ARCHS), help="architecture of src")
     parser.add_argument("--out", required=True, help="output checkpoint directory")
+    parser.add_argument(
+        "--prefix",
+        help="key prefix of the ResNet inside a larger model, e.g. backbone. ('' = the top level); default: "
+        "the one prefix holding a complete --arch ResNet",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
     try:
-        out = import_weights(args.src, args.arch, args.out, overwrite=args.overwrite)
+        out = import_weights(args.src, args.arch, args.out, prefix=args.prefix, overwrite=args.overwrite)
     except (ValueError, OSError, ImportError) as e:
         print(f"import_weights: error: {e}", file=sys.stderr)
         return 1
