@@ -314,9 +314,38 @@ class FewShotEvaluator:
         return float(self.run(state)[0]["accuracy"])
 
 
+def imported_state(config: ml_collections.ConfigDict, model, mesh, workdir: str):
+    """The state to evaluate when `workdir` holds no checkpoint: the backbone of `model.init_from` as
+    imported (a model trained elsewhere), with nothing trained here."""
+    from tam_jax.train_state import create_train_state, make_optimizer
+
+    init_from = config.model.init_from
+    if not os.path.isdir(init_from):
+        raise FileNotFoundError(
+            f"No checkpoint in {workdir}/checkpoints, and config.model.init_from={init_from!r} is not a "
+            f"backbone directory: train first (--mode=train --workdir={workdir}), or import one with "
+            "`python -m tam_jax.tools.import_weights --src FILE --arch ARCH --out DIR` and pass "
+            "--config.model.init_from=DIR."
+        )
+    if config.fewshot.scorer in fewshot.HEAD_SCORERS:
+        raise ValueError(
+            f"config.fewshot.scorer={config.fewshot.scorer!r} scores with a learned head that an imported "
+            f"backbone lacks: train it first (--mode=train --workdir={workdir}), or evaluate with "
+            "--config.fewshot.scorer=tam."
+        )
+    if hosts.is_chief():
+        print(f"No checkpoint in {workdir}: evaluating the backbone config.model.init_from={init_from} as "
+              "imported, untrained here.")
+    os.makedirs(workdir, exist_ok=True)
+    return create_train_state(config, model, make_optimizer(config), mesh)
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Restore the best (or latest, `eval.checkpoint`) checkpoint in `workdir` and evaluate every scorer of
-    `eval_scorers` and every shot; write `workdir/results.json`, print the table, return the records."""
+    `eval_scorers` and every shot; write `workdir/results.json`, print the table, return the records.
+
+    Without a checkpoint in `workdir`, evaluates the backbone of `config.model.init_from` as imported
+    (`imported_state`); its records then hold "checkpoint_step": 0 and "init_from": that directory."""
     from tam_jax import models
     from tam_jax.train_state import restore_trained
 
@@ -328,16 +357,22 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> list
     manager = checkpoints.CheckpointManager(os.path.join(workdir, "checkpoints"))
     try:
         step = manager.step_to_restore(config.eval.checkpoint)
-        if step is None:
+        if step is None and not config.model.init_from:
             raise FileNotFoundError(
-                f"No checkpoint in {manager.directory}: train first (--mode=train) with --workdir={workdir}."
+                f"No checkpoint in {manager.directory}: train first (--mode=train) with --workdir={workdir}, "
+                "or set --config.model.init_from=DIR to evaluate an imported backbone as it is."
             )
-        state = restore_trained(manager, step, config, mesh)
+        if step is None:
+            state = imported_state(config, model, mesh, workdir)
+        else:
+            state = restore_trained(manager, step, config, mesh)
     finally:
         manager.close()
     records = evaluator.run(state)
     for record in records:
-        record["checkpoint_step"] = int(step)
+        record["checkpoint_step"] = int(step or 0)
+        if step is None:
+            record["init_from"] = os.path.abspath(config.model.init_from)
     if hosts.is_chief():
         write_results(os.path.join(workdir, "results.json"), records)
         print(format_results(records))
