@@ -56,24 +56,47 @@ def _accumulation_dtype(dtype) -> jnp.dtype:
 
 
 def _is_hard(lam) -> bool:
-    """lam == 0 (a Python number) selects the hard minimum."""
+    """lam == 0 (a Python number, as `_checked_lam` leaves every known lam) selects the hard minimum."""
     return isinstance(lam, (int, float)) and lam == 0
 
 
-def _check_lam(lam) -> None:
-    if isinstance(lam, (int, float)) and lam < 0:
-        raise ValueError(f"lam must be >= 0 (0 is the hard minimum), got {lam}.")
+def _checked_lam(lam):
+    """lam as a Python float when its value is known (Python, NumPy or concrete JAX scalar), else the tracer.
+
+    A known lam selects its path at trace time: 0 the hard minimum, > 0 the soft-min with the analytic
+    backward pass. A traced lam cannot be checked; `_soft_min3` treats a traced lam <= 0 as 0 (the hard
+    minimum) rather than dividing by it.
+
+    Raises:
+      ValueError: a known lam that is negative, NaN or not a scalar.
+    """
+    if isinstance(lam, jax.core.Tracer):
+        return lam
+    value = np.asarray(lam)
+    if value.ndim != 0 or not np.issubdtype(value.dtype, np.number):
+        raise ValueError(f"lam must be a scalar number (0 is the hard minimum), got {lam!r}.")
+    value = float(value)
+    if not value >= 0:  # also NaN
+        raise ValueError(f"lam must be >= 0 (0 is the hard minimum), got {value}.")
+    return value
 
 
 def _soft_min3(a: jax.Array, b: jax.Array, c: jax.Array, lam) -> jax.Array:
     """Eq. 6 on three candidates: -lam * log(exp(-a / lam) + exp(-b / lam) + exp(-c / lam)).
 
     Shifted by the (gradient-free) minimum so that it stays finite for any magnitudes and any lam > 0.
-    With lam == 0 it is the hard minimum, taken at the first smallest candidate so that its gradient
-    is one-hot (which makes the gradient of a hard alignment score exactly its 0/1 path).
+    With lam == 0 (or a traced lam <= 0) it is the hard minimum, taken at the first smallest candidate so
+    that its gradient is one-hot (which makes the gradient of a hard alignment score exactly its 0/1 path).
     """
+    hard = jnp.where((a <= b) & (a <= c), a, jnp.where(b <= c, b, c))
     if _is_hard(lam):
-        return jnp.where((a <= b) & (a <= c), a, jnp.where(b <= c, b, c))
+        return hard
+    if isinstance(lam, jax.core.Tracer):
+        # A traced lam <= 0 is the hard minimum; the soft branch gets a harmless lam so that neither it nor
+        # its gradient is NaN where it is not selected.
+        positive = lam > 0
+        soft = _soft_min3_with_weights(a, b, c, jnp.where(positive, lam, 1.0))[0]
+        return jnp.where(positive, soft, hard)
     return _soft_min3_with_weights(a, b, c, lam)[0]
 
 
@@ -251,14 +274,14 @@ def tam_distance(dist: jax.Array, lam=0.1, bidirectional: bool = False) -> jax.A
 
     Args:
       dist: frame distances `[..., Tq, Ts]` (Eq. 1), query frames along Tq.
-      lam: soft-min temperature, >= 0.
+      lam: soft-min temperature, >= 0 (a Python, NumPy or JAX scalar; 0: the hard minimum).
       bidirectional: also add the support->query score (the same recursion on the transposed matrix),
         as public PyTorch reimplementations train with.
 
     Returns:
       `[...]` video distances.
     """
-    _check_lam(lam)
+    lam = _checked_lam(lam)
     score = _tam_one_direction(dist, lam)
     if bidirectional:
         score = score + _tam_one_direction(jnp.swapaxes(dist, -1, -2), lam)
@@ -275,16 +298,17 @@ def plain_dtw_distance(dist: jax.Array, lam=0.1) -> jax.Array:
     Returns:
       `[...]`.
     """
-    _check_lam(lam)
+    lam = _checked_lam(lam)
     flat, leading = _flatten_batch(dist)
     vertical_columns = np.ones(flat.shape[-1], bool)
     return _dynamic_programme(flat, lam, vertical_columns).reshape(leading)
 
 
 def diagonal_distance(dist: jax.Array) -> jax.Array:
-    """Table 2's Diagonal: the sum of D[l, l], frames compared in order; needs Tq == Ts.
+    """Table 2's Diagonal: the mean of D[l, l] ("an average over the diagonal of the distance matrix"),
+    frames compared in order; needs Tq == Ts.
 
-    `[..., T, T]` -> `[...]`.
+    `[..., T, T]` -> `[...]`, in [0, 2] for cosine distances, as Mean and Min (TAM's sum is in [0, 2T]).
     """
     if dist.shape[-1] != dist.shape[-2]:
         raise ValueError(
@@ -292,7 +316,8 @@ def diagonal_distance(dist: jax.Array) -> jax.Array:
             f"Tq={dist.shape[-2]}, Ts={dist.shape[-1]}. Sample the same number of frames per video "
             "or use another method."
         )
-    return jnp.trace(dist.astype(_accumulation_dtype(dist.dtype)), axis1=-2, axis2=-1)
+    on_diagonal = jnp.diagonal(dist.astype(_accumulation_dtype(dist.dtype)), axis1=-2, axis2=-1)
+    return jnp.mean(on_diagonal, axis=-1)
 
 
 def mean_distance(dist: jax.Array) -> jax.Array:
