@@ -55,9 +55,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.fewshot = ml_collections.ConfigDict()
     c.fewshot.way = 5
     c.fewshot.shot = 1
-    c.fewshot.queries = 5  # queries per class in training and evaluation episodes
-    c.fewshot.temperature = 1.0  # logits = -distance / temperature (Eq. 8 uses 1)
-    c.fewshot.learn_temperature = False
+    c.fewshot.queries = 5  # queries per class in training episodes (and evaluation's, see eval.queries)
+    c.fewshot.temperature = 1.0  # logits = -scale * distance / temperature (Eq. 8 uses 1)
+    # Per-scorer scale of the distances in the logits (fewshot.logit_scale): "frames" multiplies the [0, 2]
+    # scorers (tsn, trn, cmn, mean, min, diagonal) by T to TAM's [0, 2T] so they can fit; "none": Eq. 8.
+    c.fewshot.logit_scale = "frames"
+    c.fewshot.learn_temperature = False  # learn log(temperature), clamped to the bounds below
+    c.fewshot.min_temperature = 0.01
+    c.fewshot.max_temperature = 100.0
     c.fewshot.scorer = "tam"  # what the run trains with: a scorer of `tam_jax.fewshot.ALL_SCORERS`
 
     c.alignment = ml_collections.ConfigDict()
@@ -91,6 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.split = "test"
     c.eval.checkpoint = "best"  # "best" (by validation accuracy) | "latest"
     c.eval.num_episodes = 10_000
+    c.eval.queries = 0  # queries per class in test and validation episodes (0: fewshot.queries; paper: 1)
     c.eval.episodes_per_batch = 250
     c.eval.scorers = ",".join(fewshot.SCORERS)  # comma-separated; all from the same embeddings
     c.eval.shots = ""  # comma-separated shots to evaluate, e.g. "1,5" ("" = fewshot.shot)
@@ -145,6 +151,12 @@ def parse_config_arg(arg: str | None, **allowed) -> dict:
 def csv_values(text: str, convert=str) -> tuple:
     """`"1,5"` -> (1, 5) with `convert=int`; empty parts are ignored."""
     return tuple(convert(part.strip()) for part in text.split(",") if part.strip())
+
+
+def eval_queries(config: ml_collections.ConfigDict) -> int:
+    """Queries per class of evaluation (test and validation) episodes: `eval.queries`, or
+    `fewshot.queries` (training's) when it is 0 or absent (the `config.json` of an older run)."""
+    return int(config.eval.get("queries", 0) or config.fewshot.queries)
 
 
 def validate(config: ml_collections.ConfigDict, training: bool = True) -> None:
@@ -207,8 +219,20 @@ def validate(config: ml_collections.ConfigDict, training: bool = True) -> None:
         fail("train.optimizer", f"{train.optimizer!r} is not one of {', '.join(OPTIMIZERS)}.")
     if train.schedule not in SCHEDULES:
         fail("train.schedule", f"{train.schedule!r} is not one of {', '.join(SCHEDULES)}.")
-    if config.fewshot.temperature <= 0:
-        fail("fewshot.temperature", f"must be > 0, got {config.fewshot.temperature}.")
+    fs = config.fewshot
+    if fs.temperature <= 0:
+        fail("fewshot.temperature", f"must be > 0, got {fs.temperature}.")
+    if fs.logit_scale not in fewshot.LOGIT_SCALES:
+        fail("fewshot.logit_scale", f"{fs.logit_scale!r} is not one of {', '.join(fewshot.LOGIT_SCALES)}.")
+    if not 0 < fs.min_temperature <= fs.max_temperature:
+        fail("fewshot.min_temperature", f"the learned temperature's bounds need 0 < min_temperature <= "
+             f"max_temperature, got {fs.min_temperature} and {fs.max_temperature}.")
+    if fs.learn_temperature and not fs.min_temperature <= fs.temperature <= fs.max_temperature:
+        fail("fewshot.temperature", f"{fs.temperature} is the learned temperature's start; it must lie in "
+             f"[fewshot.min_temperature, fewshot.max_temperature] = [{fs.min_temperature}, "
+             f"{fs.max_temperature}]: change it or the bounds.")
+    if config.eval.queries < 0:
+        fail("eval.queries", f"must be >= 0 (0: fewshot.queries), got {config.eval.queries}.")
     for key in ("way", "shot", "queries"):
         if config.fewshot[key] < 1:
             fail(f"fewshot.{key}", f"must be >= 1, got {config.fewshot[key]}.")

@@ -23,14 +23,23 @@ DATASETS = {
 
 
 def paper_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """ResNet-50 from ImageNet, T=8, 224 crops, 5-way, SGD lr 0.001 momentum 0.9, x0.1 every 30 epochs."""
+    """The paper's Sec. 4.1-4.2: ResNet-50 from ImageNet, T=8, frames resized to 256 x 256 then cropped to
+    224, 5-way, SGD lr 0.001 momentum 0.9, x0.1 every 30 epochs; test episodes of one query per class
+    (n(k+1) videos), 10,000 of them.
+
+    Training episodes keep `fewshot.queries` = 5 per class (the paper does not give its training count).
+    `--config.data.square_resize=False` resizes the short side to 256 and keeps the aspect ratio instead.
+    """
     args = parse_config_arg(arg, shot=1)
     tfds_name, flip, _ = DATASETS[dataset]
     c = default_config()
     c.data.kind = "frames"
     c.data.tfds_name = tfds_name
     c.data.flip = flip  # Something-Something's labels say left and right: no flips there
+    c.data.square_resize = True  # "resize each frame to 256 x 256" (Sec. 4.2), then the 224 crop
     c.model.arch = "resnet50"
     c.model.init_from = "weights/resnet50"
     c.fewshot.shot = args["shot"]
+    c.eval.queries = 1  # n queries per test episode, one per class
+    c.eval.num_episodes = 10_000
     return c

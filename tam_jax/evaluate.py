@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from tam_jax import checkpoints, fewshot, heads, hosts, progress
-from tam_jax.configuration import csv_values, validate
+from tam_jax.configuration import csv_values, eval_queries, validate
 from tam_jax.data import pipeline
 from tam_jax.data.episodes import EpisodeSampler
 from tam_jax.data.report import SkipReport
@@ -294,7 +294,7 @@ class FewShotEvaluator:
         for shot in self.shots:
             per_scorer = evaluate_embeddings(
                 embedded.features, embedded.labels, way=config.fewshot.way, shot=shot,
-                queries=config.fewshot.queries, num_episodes=self.num_episodes,
+                queries=eval_queries(config), num_episodes=self.num_episodes,
                 seed=episode_seed(config, self.split), scorers=scorers, lam=float(lam),
                 bidirectional=config.alignment.bidirectional,
                 episodes_per_batch=min(config.eval.episodes_per_batch, self.num_episodes),

@@ -5,9 +5,16 @@ which compare every query video with every support video frame by frame, and "ts
 which compares mean-pooled video features. The learned scorers "trn" and "cmn" (TRN++ and CMN++ of
 Table 1) compare the video embeddings of a trained head (`tam_jax.heads`), passed in as `head_query` and
 `head_support`. Support videos are ordered class-major: the k shots of class c are rows c*k .. c*k + k - 1.
+
+Logits (Eq. 8) are -scale * distance / temperature. TAM's distance sums T cosine distances, in [0, 2T];
+every other scorer but plain DTW gives one cosine distance (or a mean of them), in [0, 2], whose softmax at
+temperature 1 is nearly flat: the lowest 5-way loss it allows is log(1 + 4 e^-2) = 0.43 (`loss_floor`).
+`logit_scale` gives each scorer the factor that puts it on TAM's range (config.fewshot.logit_scale).
 """
 
 from __future__ import annotations
+
+import math
 
 import chex
 import jax
@@ -19,6 +26,10 @@ from tam_jax import alignment
 SCORERS = (*alignment.METHODS, "tsn")  # need only frame features
 HEAD_SCORERS = ("trn", "cmn")  # need the video embeddings of a learned head (tam_jax.heads)
 ALL_SCORERS = (*SCORERS, *HEAD_SCORERS)  # every scorer a run can train with (config.fewshot.scorer)
+# Scorers whose video distance sums frame distances along an alignment path: TAM one per support frame,
+# in [0, 2T]; plain DTW T to 2T - 1 of them. Every other scorer's is in [0, 2].
+SUMMING_SCORERS = ("tam", "plain_dtw")
+LOGIT_SCALES = ("frames", "none")  # config.fewshot.logit_scale, see `logit_scale`
 
 
 def check_scorer(name: str, *, learned: bool = False) -> None:
@@ -165,8 +176,52 @@ def nearest_support_distances(query: jax.Array, support: jax.Array, *, way: int,
 
 
 def logits_from_distances(distances: jax.Array, temperature: float | jax.Array = 1.0) -> jax.Array:
-    """Eq. 8's logits, -distance / temperature: `[..., way]` -> `[..., way]`."""
+    """Eq. 8's logits, -distance / temperature: `[..., way]` -> `[..., way]`.
+
+    `temperature` is the effective one: a scorer's `logit_scale` divides it (`tam_jax.train.temperature`).
+    """
     return -distances / temperature
+
+
+def logit_scale(method: str, num_frames: int, mode: str = "frames") -> float:
+    """The factor a scorer's distances are multiplied by in Eq. 8's logits, -scale * distance / temperature.
+
+    "frames": T = `num_frames` for the scorers whose distance is one cosine distance or a mean of them, in
+    [0, 2] (tsn, trn, cmn, mean, min, diagonal), so that their logits span [0, 2T] as TAM's do; 1 for the
+    summing scorers (tam, plain_dtw). Without it such a scorer cannot get below `loss_floor(way, 2)`
+    (0.43, 5-way) and trains weakly. "none": 1 for every scorer, Eq. 8 as written. Accuracy never depends on
+    the scale (the nearest class is the same); only the training signal does.
+    """
+    check_scorer(method, learned=True)
+    if mode not in LOGIT_SCALES:
+        raise ValueError(f"config.fewshot.logit_scale={mode!r} is not one of {', '.join(LOGIT_SCALES)}.")
+    if mode == "none" or method in SUMMING_SCORERS:
+        return 1.0
+    return float(num_frames)
+
+
+def loss_floor(way: int, distance_range: float, temperature: float = 1.0) -> float:
+    """The lowest mean cross-entropy (Eq. 8) logits -distance / temperature allow when distances lie in
+    [0, distance_range]: the right class at 0 and the way - 1 others at distance_range, for every query.
+
+    `loss_floor(5, 2.0)` = log(1 + 4 e^-2) = 0.432: a [0, 2] scorer at temperature 1.
+    """
+    return math.log1p((way - 1) * math.exp(-distance_range / temperature))
+
+
+def bounded_temperature(log_temperature: jax.Array, low: float, high: float) -> jax.Array:
+    """A learned temperature exp(log_temperature) clamped to [low, high], scalar -> scalar.
+
+    The clamp is on the logarithm, so exp never overflows; beyond a bound the gradient is 0 and the optimiser
+    stops pushing it (a temperature going to 0 makes the logits overflow, to infinity the softmax flat).
+    """
+    chex.assert_rank(log_temperature, 0)
+    if not 0 < low <= high:
+        raise ValueError(
+            f"Temperature bounds must satisfy 0 < low <= high, got [{low}, {high}] "
+            "(config.fewshot.min_temperature, config.fewshot.max_temperature)."
+        )
+    return jnp.exp(jnp.clip(log_temperature, math.log(low), math.log(high)))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tam_jax import checkpoints, heads, models
+from tam_jax import checkpoints, fewshot, heads, models
 
 
 @flax.struct.dataclass
@@ -43,10 +43,14 @@ def embedder_variables(state: TrainState) -> dict:
 
 
 def temperature(params, config: ml_collections.ConfigDict) -> jax.Array:
-    """Eq. 8's logit temperature: learned (`params["log_temperature"]`) or `config.fewshot.temperature`."""
-    if config.fewshot.learn_temperature:
-        return jnp.exp(params["log_temperature"])
-    return jnp.float32(config.fewshot.temperature)
+    """Eq. 8's effective temperature, a scalar: the configured one (or the learned one, clamped to
+    [fewshot.min_temperature, fewshot.max_temperature]) divided by the scorer's `fewshot.logit_scale`."""
+    fs = config.fewshot
+    if fs.learn_temperature:
+        base = fewshot.bounded_temperature(params["log_temperature"], fs.min_temperature, fs.max_temperature)
+    else:
+        base = jnp.float32(fs.temperature)
+    return base / fewshot.logit_scale(fs.scorer, config.data.num_frames, fs.logit_scale)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
