@@ -1,18 +1,22 @@
-"""Reproduce the paper's comparisons: Table 1 (TSN++, CMN++, TRN++, TAM), Table 2 (scorers on TAM's features).
+"""Reproduce the paper's comparisons: Table 1 (TSN++, CMN++, TRN++, TAM) and Table 2 (alignment scorers).
 
     python -m tam_jax.reproduce --config=configs/demo.py --workdir=runs/tables --table=1
     python -m tam_jax.reproduce --config=configs/kinetics.py --workdir=runs/kinetics --table=2 \\
         --config.data.root=FRAMES_DIR --config.data.split_dir=SPLIT_LIST_DIR
 
 Table 1 trains one run per method and shot, in `DIR/<method>_<shot>shot`, and scores each with its own
-scorer. Table 2 trains one TAM run per shot (the same `DIR/tam_<shot>shot` as Table 1's) and scores it with
-every alignment scorer from the same embeddings. Runs use `tam_jax.train.train` (a run already in DIR
-resumes, a finished one is left alone, one trained with another config is an error naming the keys) and
+scorer. Table 2 has two readings. By default it trains one TAM run per shot (the same `DIR/tam_<shot>shot`
+as Table 1's) and scores it with every alignment scorer from the same embeddings: how much each scorer
+gets out of TAM's features (`DIR/table2.md`). With `--train-each` it trains one run per scorer and shot,
+like Table 1, each scored with the scorer it was trained with: the paper's rows read this way
+(`DIR/table2_train_each.md`). Runs use `tam_jax.train.train` (a run already in DIR resumes, a finished one
+is left alone, one trained with another config is an error naming the keys) and
 `tam_jax.evaluate.evaluate_checkpoint` (records already in the run's `results.json` for the same checkpoint
-and episode count are reused). The table goes to `DIR/table<N>.md` and `DIR/table<N>.csv`: our accuracy in
-percent with its 95% interval, beside the published number where the dataset is the paper's (Kinetics-100
-or Something-Something-V2 full, from `config.data.tfds_name` or `--paper`) and that number was verified.
-`--shots` and `--methods` narrow the table; every `--config.a.b=value` override applies to every run.
+and episode count are reused). Our accuracy is in percent with its 95% interval, beside the published
+number where the dataset is the paper's (Kinetics-100 or Something-Something-V2 full, from
+`config.data.tfds_name` or `--paper`); Table 1 then also lists the rows the paper quotes from CMN's paper
+(Matching Net, MAML, CMN), which are not trained here. `--shots` and `--methods` narrow the table; every
+`--config.a.b=value` override applies to every run.
 """
 
 from __future__ import annotations
@@ -37,15 +41,25 @@ TABLE2 = (
 )
 
 PAPER = "Cao et al., Few-Shot Video Classification via Temporal Alignment, CVPR 2020"
-# Published 5-way accuracies (%) per dataset: {scorer: (1-shot, 5-shot)}. Only numbers we could check are
-# listed (see PUBLISHED_NOTE); TAM's are Table 1's, and Table 2's TAM row is the same model.
+# Published 5-way accuracies (%) per dataset, {row: (1-shot, 5-shot)}, from the paper's Tables 1 and 2
+# (Table 2's TAM row is Table 1's). None: not reported.
 PUBLISHED = {
-    "kinetics": ("Kinetics-100", {"tam": (73.0, 85.8)}),
-    "ssv2_full": ("Something-Something-V2 full", {"tam": (42.8, 52.3)}),
+    "kinetics": ("Kinetics-100", {
+        "matching_net": (53.3, 74.6), "maml": (54.2, 75.3), "cmn_paper": (60.5, 78.9),
+        "tsn": (64.5, 77.9), "cmn": (65.4, 78.8), "trn": (68.4, 82.0), "tam": (73.0, 85.8),
+        "min": (52.4, 71.6), "mean": (67.8, 78.9), "diagonal": (66.2, 79.3), "plain_dtw": (69.2, 80.6),
+    }),
+    "ssv2_full": ("Something-Something-V2 full", {
+        "matching_net": (None, None), "maml": (None, None), "cmn_paper": (None, None),
+        "tsn": (33.6, 43.0), "cmn": (34.4, 43.8), "trn": (38.6, 48.9), "tam": (42.8, 52.3),
+        "min": (29.7, 38.5), "mean": (35.2, 45.3), "diagonal": (38.3, 48.7), "plain_dtw": (39.6, 49.0),
+    }),
 }
+# Table 1's rows that the paper copies from CMN's paper (Zhu & Yang, ECCV 2018): printed, never trained.
+QUOTED = (("matching_net", "Matching Net"), ("maml", "MAML"), ("cmn_paper", "CMN"))
 PUBLISHED_NOTE = (
-    "Published numbers: TAM from the paper's Table 1. Other rows are left blank: their published values "
-    "could not be verified against the paper here."
+    "Published numbers: the paper's Tables 1 and 2 (- where it reports none); Matching Net, MAML and CMN "
+    "are quoted there from CMN's paper and are not trained here."
 )
 # config.data.tfds_name -> PUBLISHED key (the dataset configs set it even when reading frame folders).
 DATASET_OF_TFDS_NAME = {"kinetics100_fewshot": "kinetics", "ssv2_fewshot/full": "ssv2_full"}
@@ -94,6 +108,8 @@ _FREE_KEYS = {
     "data.num_workers", "data.num_threads", "data.prefetch", "train.num_steps", "train.log_every_steps",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.val_every_steps", "train.val_episodes",
 }
+# Keys added since runs were first saved, with the value a `config.json` without them was trained with.
+_OLDER_RUNS = {"fewshot.logit_scale": "none"}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -114,11 +130,13 @@ def check_same_training(config: ml_collections.ConfigDict, workdir: str) -> None
     from tam_jax.checkpoints import read_config
 
     # read_config brings renamed keys up to date, so a run saved before a rename compares equal.
-    saved = _flatten(json.loads(read_config(workdir).to_json_best_effort()))
+    saved = {**_OLDER_RUNS, **_flatten(json.loads(read_config(workdir).to_json_best_effort()))}
     now = _flatten(json.loads(config.to_json_best_effort()))
     sections = set(_TRAINING_SECTIONS)
     if config.fewshot.scorer not in fewshot.HEAD_SCORERS:
         sections.discard("head")  # only TRN++ / CMN++ runs have a head
+    if config.fewshot.scorer in fewshot.SUMMING_SCORERS:
+        saved.pop("fewshot.logit_scale", None)  # scale 1 either way
     differ = sorted(
         k for k in now.keys() & saved.keys()
         if k.split(".")[0] in sections and k not in _FREE_KEYS and now[k] != saved[k]
@@ -188,15 +206,23 @@ def table_rows(table: int, methods=()) -> tuple[tuple[str, str], ...]:
 
 
 def reproduce(base: ml_collections.ConfigDict, workdir: str, *, table: int, shots=(1, 5), methods=(),
-              paper: str = "auto") -> dict[tuple[str, int], Cell]:
-    """Train and evaluate every run Table `table` needs, write `workdir/table<table>.md` and `.csv`, and
-    return (scorer, shot) -> Cell."""
+              paper: str = "auto", train_each: bool = False) -> dict[tuple[str, int], Cell]:
+    """Train and evaluate every run Table `table` needs, write its table to `workdir` (`table_name`) as
+    `.md` and `.csv`, and return (scorer, shot) -> Cell.
+
+    `train_each` (Table 2 only): one run per scorer, scored with its own scorer, instead of every scorer on
+    the features of one TAM run.
+    """
     from tam_jax import hosts
 
+    if train_each and table != 2:
+        raise ValueError(
+            f"--train-each applies to --table=2 (Table 1 always trains each method), got --table={table}."
+        )
     rows = table_rows(table, methods)
     cells = {}
     for shot in shots:
-        if table == 1:
+        if table == 1 or train_each:
             for scorer, _ in rows:
                 run_dir = os.path.join(workdir, f"{scorer}_{shot}shot")
                 config = run_config(base, scorer, shot, (scorer,))
@@ -208,27 +234,51 @@ def reproduce(base: ml_collections.ConfigDict, workdir: str, *, table: int, shot
             cells.update({(scorer, shot): cell for scorer, cell in run.items()})
     if hosts.is_chief():
         key = dataset_key(base, paper)
-        write_table(workdir, table, rows, shots, cells, key)
-        print(format_markdown(table, rows, shots, cells, key))
+        write_table(workdir, table, rows, shots, cells, key, train_each=train_each)
+        print(format_markdown(table, rows, shots, cells, key, train_each=train_each))
     return cells
 
 
-def _published(key: str | None, scorer: str, shot: int) -> float | None:
-    if key is None:
+def table_name(table: int, train_each: bool = False) -> str:
+    """The file stem of a table: `table1`, `table2` (one TAM run) or `table2_train_each`."""
+    return f"table{table}" + ("_train_each" if train_each else "")
+
+
+def _all_rows(table: int, rows, key: str | None):
+    """(row id, label, trained here) of the table: Table 1 starts with the quoted rows when the dataset
+    is the paper's."""
+    quoted = tuple((r, label, False) for r, label in QUOTED) if table == 1 and key else ()
+    return quoted + tuple((r, label, True) for r, label in rows)
+
+
+def _published(key: str | None, row: str, shot: int) -> float | None:
+    if key is None or shot not in (1, 5):
         return None
-    pair = PUBLISHED[key][1].get(scorer)
-    return None if pair is None or shot not in (1, 5) else pair[0 if shot == 1 else 1]
+    pair = PUBLISHED[key][1].get(row)
+    return None if pair is None else pair[0 if shot == 1 else 1]
 
 
 def _percent(value: float | None, digits: int = 1) -> str:
     return "" if value is None else f"{100 * value:.{digits}f}"
 
 
-def format_markdown(table: int, rows, shots, cells: dict, key: str | None) -> str:
+def _published_text(key: str, row: str, shot: int) -> str:
+    published = _published(key, row, shot)
+    return "-" if published is None else f"{published:.1f}"
+
+
+def format_markdown(
+    table: int, rows, shots, cells: dict, key: str | None, *, train_each: bool = False
+) -> str:
     """The table laid out like the paper's: one row per method, per shot our accuracy ± 95% interval
-    (percent) and, for the paper's datasets, the published number."""
+    (percent) and, for the paper's datasets, the published number (Table 1 adds the quoted-only rows)."""
     some = next(iter(cells.values()))
-    what = {1: "methods", 2: "scorers on the same TAM-trained features"}[table]
+    if table == 1:
+        what = "methods"
+    elif train_each:
+        what = "scorers, each trained with its own scorer"
+    else:
+        what = "scorers on the same TAM-trained features"
     lines = [f"# Table {table}: 5-way few-shot accuracy (%) of the {what}", ""]
     lines.append(f"Ours: mean ± 95% interval over {some.episodes} test episodes per cell (runs in "
                  f"`{os.path.dirname(some.workdir)}`).")
@@ -238,36 +288,44 @@ def format_markdown(table: int, rows, shots, cells: dict, key: str | None) -> st
     if key:
         lines.append(f"Paper: {PAPER}, {PUBLISHED[key][0]}. {PUBLISHED_NOTE}")
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for scorer, label in rows:
-        row = [label]
+    for row_id, label, trained in _all_rows(table, rows, key):
+        row = [label if trained else f"{label} (quoted)"]
         for shot in shots:
-            cell = cells[(scorer, shot)]
-            row.append(f"{_percent(cell.accuracy)} ± {_percent(cell.ci95)}")
+            if trained:
+                cell = cells[(row_id, shot)]
+                row.append(f"{_percent(cell.accuracy)} ± {_percent(cell.ci95)}")
+            else:
+                row.append("not trained")
             if key:
-                published = _published(key, scorer, shot)
-                row.append("" if published is None else f"{published:.1f}")
+                row.append(_published_text(key, row_id, shot))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_table(workdir: str, table: int, rows, shots, cells: dict, key: str | None) -> None:
-    """`workdir/table<table>.md` and `.csv` (percent; paper columns blank where nothing is published)."""
-    with open(os.path.join(workdir, f"table{table}.md"), "w") as f:
-        f.write(format_markdown(table, rows, shots, cells, key))
-    with open(os.path.join(workdir, f"table{table}.csv"), "w", newline="") as f:
+def write_table(workdir: str, table: int, rows, shots, cells: dict, key: str | None, *,
+                train_each: bool = False) -> None:
+    """`workdir/<table_name>.md` and `.csv` (percent; our columns blank on the quoted rows, paper columns
+    blank where nothing is published)."""
+    name = table_name(table, train_each)
+    with open(os.path.join(workdir, f"{name}.md"), "w") as f:
+        f.write(format_markdown(table, rows, shots, cells, key, train_each=train_each))
+    with open(os.path.join(workdir, f"{name}.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         header = ["method", "scorer"]
         for shot in shots:
             header += [f"{shot}-shot", f"{shot}-shot ci95", f"{shot}-shot paper"]
         writer.writerow(header + ["episodes"])
-        for scorer, label in rows:
-            row = [label, scorer]
+        for row_id, label, trained in _all_rows(table, rows, key):
+            row = [label, row_id if trained else ""]
             for shot in shots:
-                cell = cells[(scorer, shot)]
-                published = _published(key, scorer, shot)
-                row += [_percent(cell.accuracy, 2), _percent(cell.ci95, 2),
-                        "" if published is None else f"{published:.1f}"]
-            writer.writerow(row + [cells[(scorer, shots[0])].episodes])
+                published = _published(key, row_id, shot)
+                published = "" if published is None else f"{published:.1f}"
+                if trained:
+                    cell = cells[(row_id, shot)]
+                    row += [_percent(cell.accuracy, 2), _percent(cell.ci95, 2), published]
+                else:
+                    row += ["", "", published]
+            writer.writerow(row + [cells[(row_id, shots[0])].episodes if trained else ""])
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py.")
@@ -275,6 +333,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the runs (one sub-fol
 _TABLE = flags.DEFINE_enum("table", None, ["1", "2"], "1: TSN++, CMN++, TRN++, TAM; 2: scorers of TAM runs.")
 _SHOTS = flags.DEFINE_string("shots", "1,5", "Comma-separated shots (columns).")
 _METHODS = flags.DEFINE_string("methods", "", "Comma-separated rows to run (default: all of the table's).")
+_TRAIN_EACH = flags.DEFINE_bool(
+    "train-each", False, "Table 2 only: train one run per scorer (the paper's reading) instead of scoring "
+    "one TAM run's features with every scorer.")
 _PAPER = flags.DEFINE_enum("paper", "auto", ["auto", "none", *PUBLISHED],
                            "Published numbers beside ours: auto (by config.data.tfds_name), none, a dataset.")
 flags.mark_flags_as_required(["config", "workdir", "table"])
@@ -289,7 +350,7 @@ def main(argv):
 
     hosts.initialize("auto")
     reproduce(_CONFIG.value, _WORKDIR.value, table=int(_TABLE.value), shots=csv_values(_SHOTS.value, int),
-              methods=csv_values(_METHODS.value), paper=_PAPER.value)
+              methods=csv_values(_METHODS.value), paper=_PAPER.value, train_each=_TRAIN_EACH.value)
 
 
 if __name__ == "__main__":
