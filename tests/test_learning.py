@@ -207,7 +207,7 @@ def test_sgd_momentum_updates_follow_the_step_schedule():
         np.testing.assert_allclose(updates["w"], expected, rtol=1e-5, err_msg=f"step {t}")
 
 
-def test_train_step_reports_the_scheduled_learning_rate_and_moves_with_momentum():
+def test_train_step_reports_the_scheduled_learning_rate():
     config = learning_config("mean", num_steps=3)
     config.train.optimizer = "sgd"
     config.train.schedule = "step"
