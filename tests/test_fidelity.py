@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tam_jax import alignment, evaluate, fewshot, reproduce, train
+from tam_jax import alignment, evaluate, fewshot, hosts, models, reproduce, train_state
 from tam_jax.configuration import default_config, eval_queries, validate
 from tests.helpers import load_config, tiny_config
 
@@ -53,15 +53,17 @@ def test_validation_episodes_use_the_evaluation_query_count(monkeypatch):
     config.eval.queries = 1
     seen = {}
 
-    def fake_evaluate_cached(embeddings, labels, **kwargs):
+    def fake_evaluate_embeddings(embeddings, labels, **kwargs):
         seen.update(kwargs)
         return {kwargs["scorers"][0]: np.array([1.0])}
 
-    monkeypatch.setattr(train, "embed_eval_videos", lambda *args: np.zeros((10, 4, 8), np.float32))
-    monkeypatch.setattr(train, "head_embeddings", lambda *args: None)
-    monkeypatch.setattr(evaluate, "evaluate_cached", fake_evaluate_cached)
-    videos = train.EvalVideos(frames=None, labels=np.arange(10), rows=np.arange(10))
-    assert train.validation_accuracy(config, None, None, None, videos, "tam") == 1.0
+    from tam_jax.data.report import SkipReport
+
+    monkeypatch.setattr(evaluate, "evaluate_embeddings", fake_evaluate_embeddings)
+    validator = evaluate.FewShotEvaluator.for_validation(
+        config, hosts.make_mesh(1), models.build_embedder(config.model), SkipReport())
+    embedded = evaluate.Embedded(np.zeros((10, 4, 8), np.float32), None, np.arange(10))
+    assert validator.score(embedded)[0]["accuracy"] == 1.0
     assert seen["queries"] == 1 != config.fewshot.queries
 
 
@@ -118,14 +120,14 @@ def test_train_temperature_applies_the_bounds_and_the_logit_scale():
     config.fewshot.learn_temperature = True
     config.fewshot.max_temperature = 10.0
     params = {"log_temperature": jnp.float32(20.0)}  # e^20, pushed far beyond the bound
-    assert float(train.temperature(params, config)) == pytest.approx(10.0)  # TAM: scale 1
-    config.alignment.method = "tsn"
-    assert float(train.temperature(params, config)) == pytest.approx(10.0 / 4)
+    assert float(train_state.temperature(params, config)) == pytest.approx(10.0)  # TAM: scale 1
+    config.fewshot.scorer = "tsn"
+    assert float(train_state.temperature(params, config)) == pytest.approx(10.0 / 4)
     config.fewshot.logit_scale = "none"
-    assert float(train.temperature(params, config)) == pytest.approx(10.0)
+    assert float(train_state.temperature(params, config)) == pytest.approx(10.0)
     config.fewshot.learn_temperature = False
     config.fewshot.temperature = 0.5
-    assert float(train.temperature({}, config)) == pytest.approx(0.5)
+    assert float(train_state.temperature({}, config)) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize(
@@ -142,7 +144,7 @@ def test_temperature_and_scale_config_errors_name_the_key(key, value, match):
 
 
 def test_logit_scale_per_scorer():
-    for method in fewshot.METHODS:
+    for method in fewshot.ALL_SCORERS:
         expected = 1.0 if method in ("tam", "plain_dtw") else 8.0
         assert fewshot.logit_scale(method, 8) == expected, method
         assert fewshot.logit_scale(method, 8, "none") == 1.0
@@ -190,7 +192,7 @@ def test_table2_trains_one_tam_run_or_one_run_per_scorer(tmp_path, monkeypatch, 
     runs = []
 
     def fake_train_and_score(config, workdir, scorers):
-        runs.append((config.alignment.method, workdir.rsplit("/", 1)[-1], tuple(scorers)))
+        runs.append((config.fewshot.scorer, workdir.rsplit("/", 1)[-1], tuple(scorers)))
         return {s: reproduce.Cell(s, config.fewshot.shot, 0.5, 0.01, 10, 1, workdir) for s in scorers}
 
     monkeypatch.setattr(reproduce, "train_and_score", fake_train_and_score)
@@ -209,13 +211,13 @@ def test_table2_trains_one_tam_run_or_one_run_per_scorer(tmp_path, monkeypatch, 
 
 def test_a_baseline_run_from_before_the_logit_scale_is_not_reused(tmp_path):
     config = tiny_config()
-    config.alignment.method = "tsn"
+    config.fewshot.scorer = "tsn"
     saved = config.to_dict()
     del saved["fewshot"]["logit_scale"]  # trained at scale 1, before the key existed
     (tmp_path / "config.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match=r"fewshot\.logit_scale='none' \(now 'frames'\)"):
         reproduce.check_same_training(config, str(tmp_path))
-    config.alignment.method = "tam"  # scale 1 either way: still the same training
+    config.fewshot.scorer = "tam"  # scale 1 either way: still the same training
     saved["alignment"]["method"] = "tam"
     (tmp_path / "config.json").write_text(json.dumps(saved))
     reproduce.check_same_training(config, str(tmp_path))

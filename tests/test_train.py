@@ -29,6 +29,8 @@ def test_train_and_evaluate_writes_checkpoints_logs_and_results(tmp_path, monkey
     assert steps[-1] == 6 and 3 in steps  # latest kept, and step 3 holds a validation accuracy
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 7))
+    schedule = train_state.learning_rate_schedule(config)  # logged from the host, at each step's start
+    assert [r["learning_rate"] for r in log if "loss" in r] == pytest.approx([schedule(s) for s in range(6)])
     assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
     validations = {r["step"]: r["val_accuracy"] for r in log if "val_accuracy" in r}
     assert sorted(validations) == [3, 6]
