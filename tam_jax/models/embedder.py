@@ -42,14 +42,18 @@ class FrameEmbedder(nn.Module):
       arch: backbone architecture, see `tam_jax.models.ARCHS`.
       dtype: computation dtype; parameters stay float32 and features come out float32.
       freeze_bn: BatchNorm uses its running statistics even when `train=True`.
+      remat: the backbone's rematerialisation in training ("none", "block" or a checkpoint policy name,
+        see `tam_jax.models.resnet.ResNet`); memory and time only, never the values.
     """
 
     arch: str = "resnet50"
     dtype: Any = jnp.float32
     freeze_bn: bool = False
+    remat: str = "none"
 
     def setup(self):
-        self.backbone = create_backbone(self.arch, dtype=self.dtype, freeze_bn=self.freeze_bn)
+        self.backbone = create_backbone(self.arch, dtype=self.dtype, freeze_bn=self.freeze_bn,
+                                        remat=self.remat)
 
     def __call__(self, frames: jnp.ndarray, train: bool) -> jnp.ndarray:
         chex.assert_rank(frames, 5)
@@ -69,6 +73,9 @@ def embedder_variables_from_backbone(variables: dict) -> dict:
 
 
 def build_embedder(model_config) -> FrameEmbedder:
-    """The embedder `config.model` describes (arch, dtype, freeze_bn)."""
+    """The embedder `config.model` describes (arch, dtype, freeze_bn, remat).
+
+    A config written before `model.remat` existed (a workdir's config.json) gets "none".
+    """
     return FrameEmbedder(arch=model_config.arch, dtype=jnp.dtype(model_config.dtype),
-                         freeze_bn=model_config.freeze_bn)
+                         freeze_bn=model_config.freeze_bn, remat=model_config.get("remat", "none"))

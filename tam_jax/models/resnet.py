@@ -5,14 +5,28 @@ path `layer2_0/downsample_bn`) so that `tam_jax.tools.import_weights` is a renam
 transpose. The Bottleneck is v1.5 (stride on the 3x3 conv), and every padding is written out
 explicitly because Flax's "SAME" pads stride-2 convs asymmetrically while PyTorch pads k // 2 on
 both sides; with these paddings the Flax and torchvision networks compute the same function.
+
+Rematerialisation (`remat`, `config.model.remat`) trades compute for memory in training. The units are
+the stem (conv1, bn1, relu, max-pool) and every residual block. With "block", each unit keeps only its
+input for the backward pass and is recomputed there (`_late_remat`); a `jax.checkpoint_policies` name
+wraps each unit in `nn.remat` with that policy deciding what inside it is kept. The parameter tree and
+the function computed are unchanged.
+
+Why "block" is not plain `nn.remat`: XLA:CPU drops the optimisation barriers that `jax.checkpoint` puts
+before the recomputation and schedules it in the forward pass, so the compiled step keeps every
+activation (its `memory_analysis()` shows no saving: `benchmarks/README.md`). `_late_remat` makes the
+recomputation read the output's cotangent, a data dependency no backend can hoist, so the saving is
+real, and visible, on every backend.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import chex
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,6 +34,19 @@ import jax.numpy as jnp
 # torchvision's BatchNorm: eps 1e-5 and running = 0.9 * running + 0.1 * batch (its momentum 0.1).
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
+
+# `remat` values besides "none" and "block": the `jax.checkpoint_policies` that are policies themselves
+# rather than factories taking names. XLA convolutions are not `dot_general`s, so the dots policies keep
+# nothing inside a ResNet block: they recompute as much as "block" does.
+REMAT_POLICIES = (
+    "nothing_saveable",
+    "everything_saveable",
+    "dots_saveable",
+    "checkpoint_dots",
+    "dots_with_no_batch_dims_saveable",
+    "checkpoint_dots_with_no_batch_dims",
+)
+REMAT_CHOICES = ("none", "block", *REMAT_POLICIES)
 
 # Kaiming-normal over fan-out, torchvision's conv initialisation.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -91,6 +118,71 @@ def _bn(use_running_average: bool, dtype: Any, name: str) -> nn.BatchNorm:
     )
 
 
+def remat_policy(remat: str):
+    """The `jax.checkpoint` policy named by a `remat` value in `REMAT_POLICIES`.
+
+    Raises ValueError naming `model.remat` and the choices otherwise.
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"config.model.remat={remat!r} has no checkpoint policy; choose one of "
+                         f"{', '.join(REMAT_CHOICES)}.")
+    return getattr(jax.checkpoint_policies, remat)
+
+
+def _stem(module: nn.Module, x: jnp.ndarray, use_running_average: bool, dtype: Any, width: int):
+    """conv1 7x7/2 -> bn1 -> relu -> 3x3/2 max-pool, `[B, H, W, 3] -> [B, H/4, W/4, width]`.
+
+    A function of the parent module (not a submodule) so that its layers keep torchvision's names conv1
+    and bn1 when it is wrapped in a remat transform.
+    """
+    del module  # the layers below attach to it: Flax passes the parent scope through
+    x = nn.relu(_bn(use_running_average, dtype, "bn1")(_conv(width, 7, 2, dtype, "conv1")(x)))
+    # Flax pads max_pool with -inf, as PyTorch does.
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def _wait_for(x: jnp.ndarray, cotangent: jnp.ndarray) -> jnp.ndarray:
+    """`x`, made to depend on `cotangent` (adds 0 times one of its elements) so that what is computed
+    from it cannot run before the cotangent exists. A NaN or infinite cotangent makes it NaN, as the
+    gradients would be anyway."""
+    return x + (cotangent.reshape(-1)[0] * 0).astype(x.dtype)
+
+
+def _call(module: nn.Module, x: jnp.ndarray) -> jnp.ndarray:
+    return module(x)
+
+
+def _late_remat(fn, unit: nn.Module):
+    """`fn(module, x)` for a residual block `module`, whose backward pass recomputes it from `x` alone,
+    after the output's cotangent exists.
+
+    Args:
+      fn: `(module, x) -> y`, the unit's forward pass on `module`'s variables.
+      unit: an unbound module (`parent=None`: not a submodule of the caller) computing the same as `fn`
+        from the variables it is given.
+
+    Returns:
+      `(module, x) -> y` with a custom VJP: the forward pass keeps x and the unit's variables; the
+      backward pass recomputes the unit (BatchNorm with the same batch statistics, its running-average
+      update discarded) and takes its VJP. Gradients equal those without rematerialisation.
+    """
+
+    def forward(module, x):
+        return fn(module, x), (flax.core.unfreeze(module.variables), x)
+
+    def backward(residuals, y_cotangent):
+        variables, x = residuals
+
+        def recompute(params, x):
+            return unit.apply({**variables, "params": params}, x, mutable=["batch_stats"])[0]
+
+        _, vjp = jax.vjp(recompute, variables["params"], _wait_for(x, y_cotangent))
+        params_cotangent, x_cotangent = vjp(y_cotangent)
+        return {"params": params_cotangent}, x_cotangent
+
+    return nn.custom_vjp(fn, forward_fn=forward, backward_fn=backward)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs; `[B, H, W, C] -> [B, H / stride, W / stride, width]`."""
 
@@ -144,11 +236,14 @@ class ResNet(nn.Module):
       arch: a key of `ARCHS`.
       dtype: computation dtype (e.g. jnp.bfloat16); parameters and statistics stay float32.
       freeze_bn: BatchNorm always uses, and never updates, its running statistics.
+      remat: "none", "block" (the stem and each residual block recomputed in the backward pass) or a
+        name in `REMAT_POLICIES` (each unit wrapped as for "block", with that policy).
     """
 
     arch: str
     dtype: Any = jnp.float32
     freeze_bn: bool = False
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -157,29 +252,46 @@ class ResNet(nn.Module):
         spec = arch_spec(self.arch)
         ura, dt = self.freeze_bn or not train, self.dtype
         block_cls = Bottleneck if spec.block == "bottleneck" else BasicBlock
+        stem = functools.partial(_stem, use_running_average=ura, dtype=dt, width=spec.stem_width)
+        if self.remat == "block":
+            # Plain nn.remat for the stem: a custom VJP of a function of this module would differentiate
+            # all of its variables, blocks included (and leaks tracers in Flax).
+            stem = nn.remat(stem)
+        elif self.remat != "none":
+            policy = remat_policy(self.remat)
+            stem = nn.remat(stem, policy=policy)
+            block_cls = nn.remat(block_cls, policy=policy)
 
-        x = jnp.asarray(images, dt)
-        x = nn.relu(_bn(ura, dt, "bn1")(_conv(spec.stem_width, 7, 2, dt, "conv1")(x)))
-        # Flax pads max_pool with -inf, as PyTorch does.
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = stem(self, jnp.asarray(images, dt))
         stages = zip(spec.stage_sizes, spec.widths, strict=True)
         for stage, (num_blocks, width) in enumerate(stages):
             for i in range(num_blocks):
                 stride = 2 if stage > 0 and i == 0 else 1
-                x = block_cls(width, stride, ura, dt, name=f"layer{stage + 1}_{i}")(x)
+                block = block_cls(width, stride, ura, dt, name=f"layer{stage + 1}_{i}")
+                if self.remat == "block":
+                    unit = block_cls(width, stride, ura, dt, parent=None)
+                    x = _late_remat(_call, unit)(block, x)
+                else:
+                    x = block(x)
         # Average in float32: bfloat16 sums over 7x7 positions lose digits for nothing.
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
-def create_backbone(arch: str, *, dtype: Any = jnp.float32, freeze_bn: bool = False) -> ResNet:
+def create_backbone(
+    arch: str, *, dtype: Any = jnp.float32, freeze_bn: bool = False, remat: str = "none"
+) -> ResNet:
     """The backbone module of `arch` in {"tiny", "resnet18", "resnet34", "resnet50"}.
+
+    `remat` (see `ResNet`) changes memory and time of the backward pass only, never the values.
 
     `model.apply(variables, images, train=...)` maps normalised `[B, H, W, 3]` images to
     `[B, feature_dim(arch)]` float32 features; variables are {"params", "batch_stats"}, and
     training needs `mutable=["batch_stats"]` unless `freeze_bn`.
     """
     arch_spec(arch)  # fail here, with the list of choices, rather than at first call
-    return ResNet(arch=arch, dtype=dtype, freeze_bn=freeze_bn)
+    if remat not in REMAT_CHOICES:
+        raise ValueError(f"config.model.remat={remat!r} is not one of {', '.join(REMAT_CHOICES)}.")
+    return ResNet(arch=arch, dtype=dtype, freeze_bn=freeze_bn, remat=remat)
 
 
 def abstract_variables(arch: str) -> dict:
