@@ -13,6 +13,7 @@ import warnings
 import ml_collections
 
 from tam_jax import fewshot
+from tam_jax.models.resnet import REMAT_CHOICES
 
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("sgd", "adam")
@@ -51,6 +52,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.init_from = ""  # a backbone directory from `python -m tam_jax.tools.import_weights`
     c.model.dtype = "float32"  # computation dtype: "float32" | "bfloat16" (parameters stay float32)
     c.model.freeze_bn = False  # BatchNorm keeps its running statistics in training
+    # Recompute activations in the backward pass to save memory: "none" | "block" (the stem and each
+    # residual block) | a jax.checkpoint_policies name applied per unit (stem, blocks), e.g.
+    # "dots_with_no_batch_dims_saveable"
+    c.model.remat = "none"
 
     c.fewshot = ml_collections.ConfigDict()
     c.fewshot.way = 5
@@ -77,7 +82,11 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 120_000
-    c.train.episodes_per_step = 4  # episodes per train step, sharded over devices (a multiple of them)
+    c.train.episodes_per_step = 4  # episodes per train step: a multiple of devices * episodes_per_device_step
+    # Episodes each device embeds at once: a step runs episodes_per_step / (devices * this) micro-batches in
+    # turn and averages their gradients; memory grows with this, not with episodes_per_step.
+    c.train.episodes_per_device_step = 1
+    c.train.check_memory_fit = True  # where the device reports its memory, stop early if the step won't fit
     c.train.optimizer = "sgd"  # "sgd" | "adam"
     c.train.learning_rate = 0.001
     c.train.momentum = 0.9
@@ -193,6 +202,8 @@ def validate(config: ml_collections.ConfigDict, training: bool = True) -> None:
         fail("model.arch", f"{config.model.arch!r} is not one of tiny, resnet18, resnet34, resnet50.")
     if config.model.dtype not in DTYPES:
         fail("model.dtype", f"{config.model.dtype!r} is not one of {', '.join(DTYPES)}.")
+    if config.model.get("remat", "none") not in REMAT_CHOICES:
+        fail("model.remat", f"{config.model.remat!r} is not one of {', '.join(REMAT_CHOICES)}.")
     if training and config.model.init_from and not os.path.isdir(config.model.init_from):
         fail("model.init_from", f"{config.model.init_from!r} is not a folder; create one with "
              "`python -m tam_jax.tools.import_weights --src FILE --arch ARCH --out DIR`.")
@@ -237,9 +248,14 @@ def validate(config: ml_collections.ConfigDict, training: bool = True) -> None:
         if config.fewshot[key] < 1:
             fail(f"fewshot.{key}", f"must be >= 1, got {config.fewshot[key]}.")
     for key in ("train.log_every_steps", "train.num_steps", "train.episodes_per_step",
+                "train.episodes_per_device_step",
                 "eval.num_episodes", "eval.episodes_per_batch", "eval.embed_batch_size"):
         section, name = key.split(".")
         if config[section][name] < 1:
             fail(key, f"must be >= 1, got {config[section][name]}.")
+    if train.episodes_per_step % train.episodes_per_device_step:
+        fail("train.episodes_per_step", f"{train.episodes_per_step} is not a multiple of "
+             f"train.episodes_per_device_step={train.episodes_per_device_step} (nor, then, of it times the "
+             "device count); change one of them.")
     if config.eval.checkpoint not in ("best", "latest"):
         fail("eval.checkpoint", f"{config.eval.checkpoint!r} is not 'best' or 'latest'.")

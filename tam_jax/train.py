@@ -5,8 +5,17 @@ The state, optimiser and schedule are in `tam_jax.train_state`; every random cho
 the batches an uninterrupted one would have.
 
 Parallelism: one `jax.jit` step over a 1-D `data` mesh; the episodes of a batch are sharded over devices,
-parameters replicated. BatchNorm statistics are computed over the global batch, so 1 device and 8 give the
-same numbers.
+parameters replicated.
+
+Accumulation: a step's `train.episodes_per_step` episodes are processed as k micro-batches of
+`devices * train.episodes_per_device_step` episodes, one after another in a `lax.scan` inside the jitted
+step, so memory depends on the micro-batch, not on the episodes per step. The loss is the mean over all the
+step's episodes and the gradient is its gradient (the mean of the micro-batches' mean-loss gradients), so
+where the backbone's forward does not depend on the batch (frozen BatchNorm, `model.freeze_bn`) a step with
+k micro-batches makes the same update as one micro-batch of all episodes. BatchNorm in training mode
+normalises each micro-batch with that micro-batch's statistics (over all its devices: 1 device and 8 give
+the same numbers for the same micro-batch), and the running statistics take k momentum updates per step,
+one per micro-batch in order, as the paper's PyTorch training does with one forward at a time.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import os
 import signal
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,7 +36,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tam_jax import checkpoints, evaluate, fewshot, heads, hosts, models, progress
+from tam_jax import checkpoints, evaluate, fewshot, heads, hosts, memory_fit, models, progress
 from tam_jax.configuration import validate
 from tam_jax.data import pipeline
 from tam_jax.metrics_log import MetricsLog
@@ -50,7 +60,8 @@ class StopTraining(Exception):
 
 
 def embed_episode(params, batch_stats, batch: dict, *, model: models.FrameEmbedder):
-    """Frame features of every video of a batch of episodes, in training mode.
+    """Frame features of every video of a batch (in the train step, a micro-batch) of episodes, in training
+    mode; BatchNorm normalises with, and updates its running statistics from, this batch alone.
 
     Args:
       batch: {"support": uint8 `[E, way*shot, T, H, W, 3]`, "query": uint8 `[E, Nq, T, H, W, 3]`, ...}.
@@ -60,7 +71,7 @@ def embed_episode(params, batch_stats, batch: dict, *, model: models.FrameEmbedd
     """
     support, query = batch["support"], batch["query"]
     # Every frame of every video of the batch goes through the backbone in one call, so BatchNorm sees
-    # the whole global batch.
+    # the whole (micro-)batch, across devices.
     videos = jnp.concatenate([support, query], axis=1).reshape((-1,) + support.shape[2:])
     features, updates = model.apply(
         {"params": params["embedder"], "batch_stats": batch_stats}, videos, train=True,
@@ -95,22 +106,90 @@ def episode_loss(params, batch_stats, batch: dict, *, model: models.FrameEmbedde
     """Mean Eq. 8 loss over a batch of episodes (`embed_episode`'s batch plus "query_labels" int `[E, Nq]`).
 
     Returns:
-      (loss, (new batch_stats, {"loss", "accuracy"}))
+      (loss, (new batch_stats, {"loss", "accuracy"})); features, logits and loss are float32 whatever
+      `model.dtype` computes the backbone in.
     """
     features, batch_stats = embed_episode(params, batch_stats, batch, model=model)
     logits = episode_logits(params, features, batch["support"].shape[1], config)
     labels = batch["query_labels"]
     loss = fewshot.cross_entropy(logits, labels)
+    chex.assert_type([features, logits, loss], jnp.float32)
     return loss, (batch_stats, {"loss": loss, "accuracy": fewshot.accuracy(logits, labels)})
 
 
+def num_micro_batches(episodes_per_step: int, num_devices: int, episodes_per_device_step: int) -> int:
+    """k, the micro-batches of a step: `episodes_per_step / (num_devices * episodes_per_device_step)`.
+
+    Raises ValueError naming the config keys when it does not divide.
+    """
+    micro = num_devices * episodes_per_device_step
+    if episodes_per_device_step < 1 or episodes_per_step % micro:
+        raise ValueError(
+            f"config.train.episodes_per_step={episodes_per_step} must be a multiple of {micro}: the "
+            f"{num_devices} devices times config.train.episodes_per_device_step="
+            f"{episodes_per_device_step} (the episodes each device embeds at once). Change "
+            "train.episodes_per_step, train.episodes_per_device_step or mesh.num_devices."
+        )
+    return episodes_per_step // micro
+
+
+def split_micro_batches(batch: dict, k: int) -> dict:
+    """Every `[E, ...]` array of `batch` -> `[k, E / k, ...]`; micro-batch i holds episodes i, i+k, i+2k, ...
+
+    The stride keeps each device's share of every micro-batch on that device: the episodes are sharded
+    over devices in contiguous blocks, and a block of E / devices episodes is E / (k * devices) whole rows
+    of the `[E / k, k]` view. It also makes the micro-batches a function of E and k alone, not of the
+    number of devices.
+    """
+    episodes = jax.tree.leaves(batch)[0].shape[0]
+    chex.assert_tree_shape_prefix(batch, (episodes,))
+    if episodes % k:
+        raise ValueError(f"{episodes} episodes do not split into {k} micro-batches.")
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape((episodes // k, k) + x.shape[1:]), 0, 1), batch)
+
+
+def accumulated_gradients(loss_fn, params, batch_stats, micro_batches: dict):
+    """Mean gradient of `loss_fn` over the micro-batches, taken one micro-batch at a time (`lax.scan`).
+
+    Args:
+      loss_fn: `(params, batch_stats, micro_batch) -> (mean loss, (new batch_stats, metrics))`.
+      micro_batches: `split_micro_batches`' output, every leaf `[k, episodes per micro-batch, ...]`.
+
+    Returns:
+      (gradients: the mean over micro-batches, float32 like the parameters; batch_stats after the k
+      micro-batches in order; metrics: each the mean over micro-batches).
+    """
+    k = jax.tree.leaves(micro_batches)[0].shape[0]
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def one(carry, micro_batch):
+        grad_sum, stats = carry
+        (_, (stats, metrics)), grads = grad_fn(params, stats, micro_batch)
+        return (jax.tree.map(jnp.add, grad_sum, grads), stats), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grad_sum, batch_stats), metrics = jax.lax.scan(one, (zeros, batch_stats), micro_batches)
+    # Equal micro-batches of mean losses: the mean of their gradients is the gradient of the step's mean loss.
+    grads = jax.tree.map(lambda g: g / k, grad_sum)
+    return grads, batch_stats, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+
+
 def make_train_step(config, model, optimizer, mesh: Mesh):
-    """A jitted `(state, batch) -> (state, metrics)`, batch sharded over "data", state replicated."""
+    """A jitted `(state, batch) -> (state, metrics)`, batch sharded over "data", state replicated.
+
+    The batch's `train.episodes_per_step` episodes go through the backbone in micro-batches of
+    `mesh.size * train.episodes_per_device_step` (module docstring: loss, gradients, BatchNorm).
+    """
+    k = num_micro_batches(config.train.episodes_per_step, mesh.size, config.train.episodes_per_device_step)
+    # Each micro-batch stays sharded over "data": its episodes are embedded on the devices that hold them.
+    micro_sharded = NamedSharding(mesh, P(None, "data"))
 
     def train_step(state: TrainState, batch: dict):
         loss_fn = functools.partial(episode_loss, model=model, config=config)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch)
+        micro_batches = jax.lax.with_sharding_constraint(split_micro_batches(batch, k), micro_sharded)
+        grads, batch_stats, metrics = accumulated_gradients(
+            loss_fn, state.params, state.batch_stats, micro_batches
+        )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
@@ -231,6 +310,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             f"config.train.episodes_per_step={config.train.episodes_per_step} must be a multiple of the "
             f"{mesh.size} devices it is sharded over; change it or config.mesh.num_devices."
         )
+    memory_fit.check_step_fits(config, mesh)  # micro-batches divide; the step fits where memory is reported
     report = SkipReport()
     train_split = pipeline.prepare_split(config, "train", report)
     model = models.build_embedder(config.model)

@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -88,13 +89,15 @@ def test_resume_after_sigterm_ends_where_an_uninterrupted_run_does(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, state_a.opt_state, state_b.opt_state)
 
 
-def one_step(config, batch):
+def one_step(config, batch, with_state=False):
     mesh = hosts.make_mesh(config.mesh.num_devices)
     model = models.build_embedder(config.model)
     optimizer = train_state.make_optimizer(config)
     state = train_state.create_train_state(config, model, optimizer, mesh)
     step = train.make_train_step(config, model, optimizer, mesh)
     state, metrics = step(state, train.shard_batch(batch, mesh))
+    if with_state:
+        return jax.device_get(state), jax.device_get(metrics)
     return jax.device_get(state.params), jax.device_get(metrics)
 
 
@@ -116,12 +119,98 @@ def test_eight_devices_give_the_same_step_as_one():
     config.train.optimizer = "sgd"
     config.train.learning_rate = 0.01
     batch = synthetic_batch(config, episodes=8)
-    config.mesh.num_devices = 1
+    # One micro-batch of all 8 episodes either way: BatchNorm sees the same frames.
+    config.mesh.num_devices, config.train.episodes_per_device_step = 1, 8
     params_1, metrics_1 = one_step(config, batch)
-    config.mesh.num_devices = 8
+    config.mesh.num_devices, config.train.episodes_per_device_step = 8, 1
     params_8, metrics_8 = one_step(config, batch)
     np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_1, params_8)
+
+
+def _sgd_config(episodes):
+    config = tiny_config()
+    config.train.optimizer, config.train.learning_rate = "sgd", 0.01
+    config.train.episodes_per_step = episodes
+    return config
+
+
+def _assert_trees_close(a, b):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a, b)
+
+
+def test_accumulation_makes_the_update_of_one_large_batch_with_frozen_batchnorm():
+    config = _sgd_config(episodes=4)
+    config.model.freeze_bn = True  # the backbone's forward no longer depends on which episodes share it
+    config.mesh.num_devices = 1
+    batch = synthetic_batch(config, episodes=4)
+    config.train.episodes_per_device_step = 4
+    params_whole, metrics_whole = one_step(config, batch)
+    config.train.episodes_per_device_step = 1  # 4 micro-batches of 1 episode
+    params_micro, metrics_micro = one_step(config, batch)
+    np.testing.assert_allclose(metrics_micro["loss"], metrics_whole["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics_micro["accuracy"], metrics_whole["accuracy"], rtol=1e-6)
+    _assert_trees_close(params_micro, params_whole)
+
+
+def test_batchnorm_sees_each_micro_batch_in_turn_whatever_the_device_count():
+    config = _sgd_config(episodes=8)
+    batch = synthetic_batch(config, episodes=8)
+    # Micro-batches of 4 episodes (i, i+2, i+4, i+6), on 1 device or split over 2: the same step.
+    config.mesh.num_devices, config.train.episodes_per_device_step = 1, 4
+    state_1, _ = one_step(config, batch, with_state=True)
+    config.mesh.num_devices, config.train.episodes_per_device_step = 2, 2
+    state_2, _ = one_step(config, batch, with_state=True)
+    _assert_trees_close(state_2.params, state_1.params)
+    _assert_trees_close(state_2.batch_stats, state_1.batch_stats)
+
+    # The running statistics are those of the two micro-batches' forward passes, one after the other.
+    mesh = hosts.make_mesh(1)
+    model = models.build_embedder(config.model)
+    initial = train_state.create_train_state(config, model, train_state.make_optimizer(config), mesh)
+    stats = initial.batch_stats
+    for i in range(2):
+        micro = {k: v[i::2] for k, v in batch.items()}
+        _, stats = jax.jit(lambda s, b: train.embed_episode(initial.params, s, b, model=model))(stats, micro)
+    _assert_trees_close(jax.device_get(stats), state_1.batch_stats)
+    # ... and not those of one forward pass over all 8 episodes.
+    _, whole = jax.jit(lambda s, b: train.embed_episode(initial.params, s, b, model=model))(
+        initial.batch_stats, batch)
+    assert not np.allclose(jax.tree.leaves(jax.device_get(whole))[0], jax.tree.leaves(state_1.batch_stats)[0])
+
+
+def test_micro_batches_take_strided_episodes():
+    batch = {"x": np.arange(12).reshape(6, 2), "y": np.arange(6)}
+    micro = train.split_micro_batches(batch, 3)
+    np.testing.assert_array_equal(micro["y"], [[0, 3], [1, 4], [2, 5]])
+    np.testing.assert_array_equal(micro["x"][1], batch["x"][[1, 4]])
+
+
+def test_micro_batches_must_divide_the_episodes_naming_the_keys():
+    assert train.num_micro_batches(8, 2, 2) == 2
+    with pytest.raises(ValueError, match=r"episodes_per_step=6.*episodes_per_device_step=2"):
+        train.num_micro_batches(6, 2, 2)
+    config = tiny_config()
+    config.train.episodes_per_device_step = 3
+    with pytest.raises(ValueError, match=r"config\.train\.episodes_per_step.*episodes_per_device_step=3"):
+        validate(config)
+
+
+def test_bfloat16_step_keeps_parameters_statistics_and_loss_in_float32():
+    config = _sgd_config(episodes=2)
+    config.model.dtype = "bfloat16"
+    config.mesh.num_devices, config.train.episodes_per_device_step = 1, 1
+    state, metrics = one_step(config, synthetic_batch(config, episodes=2), with_state=True)
+    for tree in (state.params, state.batch_stats, metrics):
+        assert {np.asarray(x).dtype for x in jax.tree.leaves(tree)} == {np.dtype(np.float32)}
+    # ... while the backbone's convolutions run in bfloat16.
+    model = models.build_embedder(config.model)
+    frames = jax.ShapeDtypeStruct((1, 1, 24, 24, 3), np.uint8)
+    variables = jax.eval_shape(lambda f: model.init(jax.random.key(0), f, train=False), frames)
+    forward = lambda v, f: model.apply(v, f, train=True, mutable=["batch_stats"])  # noqa: E731
+    jaxpr = jax.make_jaxpr(forward)(variables, frames)
+    convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    assert convs and all(e.invars[0].aval.dtype == jnp.bfloat16 for e in convs)
 
 
 def test_episodes_per_step_must_divide_over_devices(tmp_path):
