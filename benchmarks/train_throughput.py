@@ -93,6 +93,10 @@ def make_config(args: argparse.Namespace, episodes: int):
     config.alignment.lam = args.lam
     config.alignment.bidirectional = args.bidirectional
     config.train.episodes_per_step = episodes
+    # 0: one micro-batch of all the step's episodes on each device (no accumulation), as before issue 13.
+    per_device = episodes // max(1, args.num_devices) if args.num_devices else episodes // jax.device_count()
+    config.train.episodes_per_device_step = args.episodes_per_device_step or max(1, per_device)
+    config.model.remat = args.remat
     config.mesh.num_devices = args.num_devices
     return config
 
@@ -434,6 +438,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes_per_step", type=int_list, default=[1, 2, 4], help="comma-separated, swept")
     p.add_argument("--embed_batch_size", type=int_list, default=[128], help="videos per call, swept")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="computation dtype")
+    p.add_argument("--remat", default="none", help="model.remat: none | block | a checkpoint policy name")
+    p.add_argument("--episodes_per_device_step", type=int, default=0,
+                   help="train.episodes_per_device_step (0: all of a step's episodes at once)")
     p.add_argument("--lam", type=float, default=0.1)
     p.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--steps", type=int, default=10, help="timed steps per figure")
