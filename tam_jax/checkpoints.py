@@ -2,10 +2,18 @@
 
     DIR/<step>/state/   the whole TrainState (Orbax StandardSave), restored onto the current mesh, so a
                         checkpoint restores on another number of devices
-    DIR/<step>/data/    {"next_batch": b}: the data position (the index of the next training batch)
+    DIR/<step>/data/    {"next_batch": b, "fingerprint": f}: the data position (the index of the next
+                        training batch) and a hash of the saved state, checked at every restore
 
 Steps saved with a validation accuracy carry it as their Orbax metric; the best of them is always kept.
 All processes call every method together (Orbax coordinates multi-host saves).
+
+A checkpoint that cannot be restored (a missing, truncated or garbage file, another model's state, a
+fingerprint that does not match) is never loaded: `restore_latest` says which step and why and falls back to
+the newest good one, moving the damaged ones to `DIR/../damaged_checkpoints/` so that the run can save those
+steps again; when no step is good it stops and says what to do. A failed write (full disk, read-only
+folder) stops the run with `CheckpointWriteError`; Orbax writes each step to a temporary folder and renames
+it when complete, so the last good checkpoint stays intact.
 
 Also here: which step a run restores ("best, else latest"), finding the checkpoint a path names (a
 workdir, its `checkpoints/` folder or one step), and restoring a trained embedder for inference without
@@ -14,13 +22,18 @@ building an optimiser.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -28,6 +41,28 @@ from orbax.checkpoint import checkpoint_managers
 
 _METRIC = "val_accuracy"
 CHOICES = ("best", "latest")
+DAMAGED_DIR = "damaged_checkpoints"
+_log = logging.getLogger(__name__)
+
+
+class CheckpointDamagedError(RuntimeError):
+    """No checkpoint in a folder can be restored; the message lists each step and why, and what to do."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, unwritable folder); the last complete one is intact."""
+
+
+def fingerprint(state: Any) -> str:
+    """A hash of every array of a (replicated) state, independent of the pytree's container types and
+    order, so a state restored into another structure (e.g. plain dicts) hashes the same."""
+    digests = []
+    for leaf in jax.tree.leaves(state):
+        if isinstance(leaf, jax.Array):
+            leaf = leaf.addressable_data(0)
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digests.append(hashlib.sha256(f"{array.dtype}{array.shape}".encode() + array.tobytes()).hexdigest())
+    return hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()
 
 
 class CheckpointManager:
@@ -57,11 +92,27 @@ class CheckpointManager:
         return self.save_every > 0 and step % self.save_every == 0
 
     def save(self, step: int, state: Any, *, val_accuracy: float | None = None, force: bool = False):
+        """Start saving `state` as `step` (asynchronously). Raises CheckpointWriteError when this or an
+        earlier save failed."""
         metrics = None if val_accuracy is None else {_METRIC: float(val_accuracy)}
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"next_batch": int(step)})
-        )
-        self._manager.save(step, args=args, metrics=metrics, force=force)
+        position = {"next_batch": int(step), "fingerprint": fingerprint(state)}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(position))
+        self._guard_write(step, lambda: self._manager.save(step, args=args, metrics=metrics, force=force))
+
+    def _guard_write(self, step: int, write) -> None:
+        try:
+            self._manager.check_for_errors()
+            write()
+        except Exception as e:
+            raise CheckpointWriteError(
+                f"Could not write checkpoint step {step} (or finish an earlier one) in {self.directory}: "
+                f"{e!r}. The last complete checkpoint ({self._complete_steps()}) is intact: free disk space "
+                "or fix the folder's permissions, then run the same command to resume from it."
+            ) from e
+
+    def _complete_steps(self) -> str:
+        steps = sorted(int(p.name) for p in Path(self.directory).iterdir() if p.name.isdigit())
+        return f"step {steps[-1]}" if steps else "none yet"
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -84,12 +135,10 @@ class CheckpointManager:
                 state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
             ),
         )
-        if restored["data"]["next_batch"] != step:
-            raise ValueError(
-                f"Checkpoint {self.directory}/{step}: data position {restored['data']} does not match "
-                "its step; the checkpoint is damaged. Delete that step's folder to resume from an earlier "
-                "one."
-            )
+        data = restored["data"]
+        if data.get("next_batch") != step:
+            raise ValueError(f"its data position {data} does not match its step")
+        _check_fingerprint(restored["state"], data)
         return restored["state"]
 
     def step_to_restore(self, which: str = "best") -> int | None:
@@ -100,23 +149,93 @@ class CheckpointManager:
         best = self.best_step() if which == "best" else None
         return self.latest_step() if best is None else best
 
+    def fallback_order(self, which: str = "best") -> list[int]:
+        """Every step, the one `which` names first, then the others from the newest."""
+        first = self.step_to_restore(which)
+        return [] if first is None else list(dict.fromkeys([first, *self.all_steps()[::-1]]))
+
     def restore_saved(self, step: int, mesh: Mesh) -> dict:
         """Whatever the state at `step` holds, as a nested dict of arrays replicated over `mesh`: no target
         (and so no optimiser) is needed to read it."""
         metadata = self._manager.item_metadata(step)["state"]
         replicated = NamedSharding(mesh, P())
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), metadata)
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
         restored = self._manager.restore(step, args=args)
+        _check_fingerprint(restored["state"], restored["data"])
         return restored["state"]
 
     def restore_latest(self, target: Any) -> Any:
-        """The latest state, or `target` itself when there is no checkpoint yet."""
-        step = self.latest_step()
-        return target if step is None else self.restore(step, target)
+        """The latest good state, or `target` itself when there is no checkpoint yet.
+
+        Damaged steps are reported, moved aside (see the module docstring) and skipped; raises
+        CheckpointDamagedError when every step is damaged.
+        """
+        return self.restore_good(self._manager.all_steps()[::-1], lambda step: self.restore(step, target),
+                                 default=target)
+
+    def restore_good(self, steps, restore, *, default: Any = None, move_aside: bool = True) -> Any:
+        """`restore(step)` for the first of `steps` that restores; `default` when `steps` is empty.
+
+        The damaged steps before it are logged and (with `move_aside`) moved to `damaged_checkpoints/`.
+        """
+        damaged = []
+        for step in steps:
+            try:
+                restored = restore(step)
+            except Exception as e:  # Orbax and tensorstore raise many types for a bad folder
+                damaged.append((step, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+                _log.warning("Checkpoint %s/%s cannot be restored (%s); trying an earlier one.",
+                             self.directory, step, damaged[-1][1])
+                continue
+            if damaged and move_aside:
+                self._move_aside([s for s, _ in damaged])
+            if damaged:
+                print(f"Restored checkpoint step {step}: skipped damaged step(s) "
+                      f"{', '.join(str(s) for s, _ in damaged)} (see the warnings above).")
+            return restored
+        if not damaged:
+            return default
+        details = "; ".join(f"step {s}: {why}" for s, why in damaged)
+        raise CheckpointDamagedError(
+            f"No checkpoint in {self.directory} can be restored ({details}). If the config changed since "
+            "they were written (e.g. model.arch), use the old config or another --workdir; otherwise delete "
+            f"{self.directory} to start training from scratch."
+        )
+
+    def _move_aside(self, steps) -> None:
+        """Move damaged step folders to `damaged_checkpoints/` beside this folder (chief only), so that the
+        resumed run can write those steps again; then every process re-reads the step list."""
+        if jax.process_index() == 0:
+            target = Path(self.directory).parent / DAMAGED_DIR
+            target.mkdir(exist_ok=True)
+            for step in steps:
+                destination = target / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+                shutil.move(os.path.join(self.directory, str(step)), destination)
+                print(f"Moved damaged checkpoint step {step} to {destination}.")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("tam_jax damaged checkpoints moved")
+        self._manager.reload()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
 
     def close(self) -> None:
-        self._manager.close()
+        """Wait for the last save to finish. Raises CheckpointWriteError when it failed."""
+        try:
+            self._guard_write(self.latest_step() or 0, self._manager.wait_until_finished)
+        finally:
+            self._manager.close()
+
+
+def _check_fingerprint(state: Any, data: dict) -> None:
+    """Raise ValueError when a restored state does not hash to what was saved (checkpoints written before
+    fingerprints were recorded are not checked)."""
+    saved = data.get("fingerprint")
+    if saved is not None and fingerprint(state) != saved:
+        raise ValueError("its arrays do not match the fingerprint saved with them (a corrupted file)")
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path, int]:

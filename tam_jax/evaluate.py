@@ -32,6 +32,8 @@ from tam_jax.data import pipeline
 from tam_jax.data.episodes import EpisodeSampler
 from tam_jax.data.report import SkipReport
 from tam_jax.embedding import Embedder, embed_share
+from tam_jax.files import atomic_write
+from tam_jax.workdir_lock import hold_workdir
 
 # Two-sided 95% normal quantile: the papers report mean accuracy +- 1.96 standard errors.
 _Z95 = 1.959964
@@ -176,10 +178,8 @@ def write_results(path: str | os.PathLike, records: list[dict]) -> list[dict]:
     merged = {key(r): r for r in existing}
     merged.update({key(r): r for r in records})
     ordered = sorted(merged.values(), key=key)
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as f:
+    with atomic_write(path) as f:
         json.dump(ordered, f, indent=2)
-    os.replace(temporary, path)
     return ordered
 
 
@@ -345,29 +345,38 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> list
     `eval_scorers` and every shot; write `workdir/results.json`, print the table, return the records.
 
     Without a checkpoint in `workdir`, evaluates the backbone of `config.model.init_from` as imported
-    (`imported_state`); its records then hold "checkpoint_step": 0 and "init_from": that directory."""
+    (`imported_state`); its records then hold "checkpoint_step": 0 and "init_from": that directory. A
+    damaged checkpoint is reported and the next good one evaluated. Holds the workdir's lock
+    (`tam_jax.workdir_lock`) while it runs."""
+    validate(config, training=False)
+    with hold_workdir(workdir):
+        return _evaluate_checkpoint(config, workdir)
+
+
+def _evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     from tam_jax import models
     from tam_jax.train_state import restore_trained
 
-    validate(config, training=False)
     report = SkipReport()
     mesh = hosts.make_mesh(config.mesh.num_devices)
     model = models.build_embedder(config.model)
     evaluator = FewShotEvaluator.for_test(config, mesh, model, report)  # checks the split can be sampled
     manager = checkpoints.CheckpointManager(os.path.join(workdir, "checkpoints"))
     try:
-        step = manager.step_to_restore(config.eval.checkpoint)
-        if step is None and not config.model.init_from:
+        steps = manager.fallback_order(config.eval.checkpoint)
+        if not steps and not config.model.init_from:
             raise FileNotFoundError(
                 f"No checkpoint in {manager.directory}: train first (--mode=train) with --workdir={workdir}, "
                 "or set --config.model.init_from=DIR to evaluate an imported backbone as it is."
             )
-        if step is None:
+        if not steps:
             state = imported_state(config, model, mesh, workdir)
-        else:
-            state = restore_trained(manager, step, config, mesh)
+        else:  # a damaged checkpoint is reported and the next good one evaluated (never loaded silently)
+            restore = lambda s: restore_trained(manager, s, config, mesh)
+            state = manager.restore_good(steps, restore, move_aside=False)
     finally:
         manager.close()
+    step = int(state.step) if steps else None
     records = evaluator.run(state)
     for record in records:
         record["checkpoint_step"] = int(step or 0)

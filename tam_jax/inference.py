@@ -35,6 +35,7 @@ from tam_jax import checkpoints, fewshot, hosts, models
 from tam_jax.data.pipeline import clip_spec
 from tam_jax.data.report import ClipError
 from tam_jax.embedding import Embedder, map_batches
+from tam_jax.files import atomic_write
 from tam_jax.train_state import (  # noqa: F401  (CheckpointMismatchError: part of this API)
     CheckpointMismatchError,
     TrainState,
@@ -118,14 +119,21 @@ def load_trained_model(path: str | os.PathLike, *, num_devices: int = 1) -> Trai
     """Restore the embedder of the checkpoint `path` names (`tam_jax.checkpoints.resolve_checkpoint`) onto
     `num_devices` devices (0: all).
 
-    Raises CheckpointMismatchError when the saved weights do not fit the `config.json` beside them.
+    A workdir whose chosen checkpoint is damaged falls back to the next good one, saying so; one step
+    named explicitly is restored or fails. Raises CheckpointMismatchError when the saved weights do not fit
+    the `config.json` beside them.
     """
     workdir, directory, step = checkpoints.resolve_checkpoint(path)
     config = checkpoints.read_config(workdir)
     mesh = hosts.make_mesh(num_devices)
     manager = checkpoints.CheckpointManager(str(directory))
+    restore = lambda s: restore_trained(manager, s, config, mesh, where=str(workdir / "config.json"))
     try:
-        state = restore_trained(manager, step, config, mesh, where=str(workdir / "config.json"))
+        if Path(path).name.isdigit():  # one step named: that one or an error, never another
+            state = manager.restore_good([step], restore, move_aside=False)
+        else:
+            state = manager.restore_good(manager.fallback_order("best"), restore, move_aside=False)
+            step = int(state.step)
     finally:
         manager.close()
     return TrainedModel(config, directory / str(step), step, models.build_embedder(config.model), state, mesh)
@@ -164,8 +172,8 @@ class SupportSet:
     metadata: dict
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write an `.npz` (no pickles) that `SupportSet.load` reads back."""
-        with open(path, "wb") as f:
+        """Write an `.npz` (no pickles) that `SupportSet.load` reads back, atomically."""
+        with atomic_write(path, "wb") as f:
             np.savez(
                 f, embeddings=self.embeddings, labels=self.labels, class_names=np.array(self.class_names),
                 paths=np.array(self.paths), metadata=np.array(json.dumps({"format": CACHE_FORMAT,

@@ -3,7 +3,13 @@
 `--mode=train` trains (resuming from DIR), `--mode=eval` evaluates the best (or latest) checkpoint in DIR,
 `--mode=train_and_eval` (the default) does both. Any config field can be overridden as
 `--config.a.b=value`. Multi-host runs start one such process per host (see `tam_jax.hosts`).
+
+Exit status: 0 when done; 143 (SIGTERM) or 130 (SIGINT) when a stop signal stopped training after saving
+(no results are written; the same command resumes); 1 with a one-line `error:` for a workdir in use by
+another run, checkpoints that cannot be restored or written, or a non-finite loss.
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -31,11 +37,21 @@ def main(argv):
 
     hosts.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
+    from tam_jax.checkpoints import CheckpointDamagedError, CheckpointWriteError
+    from tam_jax.workdir_lock import WorkdirBusyError
+
     config = _CONFIG.value
-    if _MODE.value in ("train", "train_and_eval"):
-        train.train(config, _WORKDIR.value)
-    if _MODE.value in ("eval", "train_and_eval"):
-        evaluate.evaluate_checkpoint(config, _WORKDIR.value)
+    try:
+        if _MODE.value in ("train", "train_and_eval"):
+            train.train(config, _WORKDIR.value)
+        if _MODE.value in ("eval", "train_and_eval"):
+            evaluate.evaluate_checkpoint(config, _WORKDIR.value)
+    except train.TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(e.exit_status)
+    except (WorkdirBusyError, CheckpointDamagedError, CheckpointWriteError, train.StopTraining, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Where training writes its metrics: `train_log.jsonl` (one JSON record per line) and TensorBoard.
 
-Only the chief process writes; on the others every method does nothing.
+Only the chief process writes; on the others every method does nothing. A resumed run first drops what an
+interrupted one wrote after the step it resumes from (`truncate_after`, including a half-written last
+line) and tells TensorBoard to hide those steps (`purge_step`), so each step is recorded once.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import json
 import os
 
 from tam_jax import hosts
+from tam_jax.files import atomic_write
 
 
 class MetricsLog:
@@ -16,20 +19,32 @@ class MetricsLog:
 
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, "train_log.jsonl")
+        self._tensorboard_dir = os.path.join(workdir, "tensorboard")
         self._writer = None
-        if hosts.is_chief():
-            from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-    def truncate_after(self, step: int) -> None:
-        """Drop records after `step` (written before an interruption) so that a resumed log has each step
-        once."""
-        if not hosts.is_chief() or not os.path.exists(self.path):
+    def start(self, step: int) -> None:
+        """Begin writing after `step`: drop later records left by an interrupted run, open TensorBoard."""
+        if not hosts.is_chief():
             return
+        self._truncate_after(step)
+        from tensorboardX import SummaryWriter
+
+        # purge_step: TensorBoard hides the events of steps >= it written before (by an interrupted run).
+        self._writer = SummaryWriter(self._tensorboard_dir, purge_step=step + 1)
+
+    def _truncate_after(self, step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        kept = []
         with open(self.path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
-        with open(self.path, "w") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # half a line: the run was killed while writing it
+                    continue
+                if line.endswith("\n") and record["step"] <= step:
+                    kept.append(line)
+        with atomic_write(self.path) as f:
             f.writelines(kept)
 
     def write(self, step: int, values: dict, prefix: str) -> None:
@@ -37,8 +52,13 @@ class MetricsLog:
         that starts with `prefix_` loses it: "val_accuracy" -> "val/accuracy")."""
         if not hosts.is_chief():
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+        except OSError as e:
+            raise OSError(e.errno, f"Could not write the training log {self.path} ({e.strerror}). Training "
+                          "stops; free disk space or fix the folder's permissions, then run the same command "
+                          "to resume from the last complete checkpoint.") from e
         for key, value in values.items():
             self._writer.add_scalar(f"{prefix}/{key.removeprefix(prefix + '_')}", value, step)
 

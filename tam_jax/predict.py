@@ -71,11 +71,11 @@ def format_predictions(result, top: int) -> str:
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:
     """Write JSON atomically (a finished file or none)."""
+    from tam_jax.files import write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temporary, path)
+    write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def run(args: argparse.Namespace) -> dict:

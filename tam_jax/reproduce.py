@@ -33,6 +33,7 @@ from ml_collections import config_flags
 
 from tam_jax import fewshot
 from tam_jax.configuration import csv_values
+from tam_jax.files import atomic_write, write_text
 
 # (scorer, the paper's row label), in the paper's order.
 TABLE1 = (("tsn", "TSN++"), ("cmn", "CMN++"), ("trn", "TRN++"), ("tam", "TAM"))
@@ -307,9 +308,9 @@ def write_table(workdir: str, table: int, rows, shots, cells: dict, key: str | N
     """`workdir/<table_name>.md` and `.csv` (percent; our columns blank on the quoted rows, paper columns
     blank where nothing is published)."""
     name = table_name(table, train_each)
-    with open(os.path.join(workdir, f"{name}.md"), "w") as f:
-        f.write(format_markdown(table, rows, shots, cells, key, train_each=train_each))
-    with open(os.path.join(workdir, f"{name}.csv"), "w", newline="") as f:
+    write_text(os.path.join(workdir, f"{name}.md"), format_markdown(table, rows, shots, cells, key,
+                                                                     train_each=train_each))
+    with atomic_write(os.path.join(workdir, f"{name}.csv"), newline="") as f:
         writer = csv.writer(f)
         header = ["method", "scorer"]
         for shot in shots:

@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 from tam_jax import checkpoints, evaluate, fewshot, heads, hosts, memory_fit, models, progress
 from tam_jax.configuration import validate
 from tam_jax.data import pipeline
+from tam_jax.files import write_text
 from tam_jax.metrics_log import MetricsLog
 from tam_jax.train_state import (
     TrainState,
@@ -47,12 +48,28 @@ from tam_jax.train_state import (
     make_optimizer,
     temperature,
 )
+from tam_jax.workdir_lock import hold_workdir
 
 _log = logging.getLogger(__name__)
 
 
 class StopTraining(Exception):
     """A NaN or infinite loss: the run stops and keeps its last good checkpoint."""
+
+
+class TrainingInterrupted(Exception):
+    """A stop signal (SIGTERM, SIGINT) arrived: the state was saved and training stopped early.
+
+    `exit_status` is what `python -m tam_jax.main` exits with: 128 + the signal's number (143 for
+    SIGTERM, 130 for SIGINT), as a shell reports a process ended by that signal. No results are written.
+    """
+
+    def __init__(self, signal_name: str, step: int):
+        self.signal_name, self.step = signal_name, step
+        number = getattr(signal.Signals, signal_name, signal.SIGTERM)
+        self.exit_status = 128 + int(number)
+        super().__init__(f"{signal_name} received: saved step {step} and stopped; run the same command to "
+                         "resume.")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -283,12 +300,11 @@ def _start(config, workdir: str, mesh: Mesh, model, optimizer, log: MetricsLog):
     )
     state = manager.restore_latest(state)
     start_step = int(state.step)
+    log.start(start_step)
     if hosts.is_chief():
         if start_step:
             print(f"Resuming from step {start_step} in {workdir}.")
-        log.truncate_after(start_step)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     return state, manager, start_step
 
 
@@ -296,13 +312,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Train (resuming from the latest checkpoint in `workdir`), validating and checkpointing on the way.
 
     Writes `workdir/checkpoints/` (Orbax), `workdir/tensorboard/`, `workdir/train_log.jsonl` (one JSON
-    record per logged step) and `workdir/config.json`. Returns the final state.
-
-    One function on purpose: the order of step, log, validate, save and stop reads top to bottom.
+    record per logged step) and `workdir/config.json`. Returns the final state. Holds the workdir's lock
+    (`tam_jax.workdir_lock`) while it runs. Raises TrainingInterrupted after saving when a stop signal
+    arrives.
     """
+    validate(config)
+    with hold_workdir(workdir):
+        return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """`train` once the workdir is held. One function on purpose: the order of step, log, validate, save
+    and stop reads top to bottom."""
     from tam_jax.data.report import SkipReport
 
-    validate(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = hosts.make_mesh(config.mesh.num_devices)
     if config.train.episodes_per_step % mesh.size:
@@ -358,6 +381,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                     progress.write(f"{stopping} received: saved step {done} and stopped.")
                     break
             metrics_out.flush()
+            if stopping:  # `finally` below waits for the save to complete before this propagates
+                raise TrainingInterrupted(stopping if stopping in signal.Signals.__members__ else "SIGTERM",
+                                          done)
         hosts.assert_replicas_equal(state.params, "parameters")
     finally:
         bar.close()

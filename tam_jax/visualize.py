@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from tam_jax import alignment
+from tam_jax.files import atomic_write, write_text
 
 PATH_GID = "tam_path"  # the gid of the path overlay's markers, so tests can find them
 _METHOD_NAMES = {"tam": "TAM", "plain_dtw": "plain DTW"}
@@ -245,9 +246,16 @@ def read_sweep(path: str | os.PathLike) -> list[dict]:
     return records
 
 
+def save_figure(figure, path: Path) -> None:
+    """Save a figure atomically, in the format its suffix names."""
+    with atomic_write(path, "wb") as f:
+        figure.savefig(f, dpi=_DPI, format=path.suffix.lstrip(".") or "png")
+
+
 def write_sweep(records: Sequence[dict], json_path: str | os.PathLike, csv_path: str | os.PathLike) -> None:
-    Path(json_path).write_text(json.dumps(list(records), indent=2) + "\n")
-    with open(csv_path, "w", newline="") as f:
+    """The sweep's records as JSON and CSV, each written atomically."""
+    write_text(json_path, json.dumps(list(records), indent=2) + "\n")
+    with atomic_write(csv_path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=_CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(records)
@@ -352,8 +360,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     if args.command == "pair":
         checkpoint = load_trained_model(args.checkpoint, num_devices=args.devices)
         figure, record = pair_figure(checkpoint, args.query, args.support, lam=args.lam, method=args.method)
-        figure.savefig(out, dpi=_DPI)
-        out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+        save_figure(figure, out)
+        write_text(out.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
         return [out, out.with_suffix(".json")]
     if args.results:
         records = read_sweep(args.results)
@@ -361,7 +369,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         checkpoint = load_trained_model(args.checkpoint, num_devices=args.devices)
         records = lambda_sweep(checkpoint, args.lams, shots=args.shots, episodes=args.episodes,
                                split=args.split, scorer=args.scorer, show_progress=not args.no_progress)
-    plot_lambda(records).savefig(out, dpi=_DPI)
+    save_figure(plot_lambda(records), out)
     written = [out]
     if not args.results or Path(args.results).resolve() != out.with_suffix(".json").resolve():
         write_sweep(records, out.with_suffix(".json"), out.with_suffix(".csv"))
