@@ -130,9 +130,10 @@ def load_trained_model(path: str | os.PathLike, *, num_devices: int = 1) -> Trai
     restore = lambda s: restore_trained(manager, s, config, mesh, where=str(workdir / "config.json"))
     try:
         if Path(path).name.isdigit():  # one step named: that one or an error, never another
-            state = manager.restore_good([step], restore, move_aside=False)
+            state = manager.restore_good([step], restore, move_aside=False, fatal=(CheckpointMismatchError,))
         else:
-            state = manager.restore_good(manager.fallback_order("best"), restore, move_aside=False)
+            state = manager.restore_good(manager.fallback_order("best"), restore, move_aside=False,
+                                         fatal=(CheckpointMismatchError,))
             step = int(state.step)
     finally:
         manager.close()
