@@ -352,6 +352,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     bar = progress.bar(config.train.num_steps, "training", "step", initial=start_step)
     metrics_out = _TrainMetrics(config, log, bar, manager.directory, start_step)
     try:
+        stopping = None  # stays None when the run is already finished (a rerun of a done command)
         with _StopSignal() as stop:
             for step in range(start_step, config.train.num_steps):
                 state, metrics = train_step(state, shard_batch(next(batches), mesh))

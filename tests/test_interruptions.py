@@ -346,3 +346,12 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, 
     assert saves  # the injection ran part-way through a save
     step, state = read_params(str(tmp_path), config)
     assert step == 2 and int(state.step) == 2
+
+
+def test_running_a_finished_command_again_changes_nothing(trained, tmp_path):
+    config, source = trained
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    state = train.train(config, str(workdir))  # nothing left to train: restore and return
+    assert int(state.step) == config.train.num_steps
+    assert (workdir / "train_log.jsonl").read_text() == (source / "train_log.jsonl").read_text()
