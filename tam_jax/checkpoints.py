@@ -285,4 +285,4 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     from tam_jax.configuration import upgrade_config
 
     with open(Path(workdir) / "config.json") as f:
-        return upgrade_config(ml_collections.ConfigDict(json.load(f)))
+        return upgrade_config(ml_collections.ConfigDict(json.load(f)), warn=False)

@@ -62,6 +62,12 @@ class MetricsLog:
         for key, value in values.items():
             self._writer.add_scalar(f"{prefix}/{key.removeprefix(prefix + '_')}", value, step)
 
+    def flush(self) -> None:
+        """Put TensorBoard's buffered events on disk: called before each checkpoint, so that a run killed
+        after it loses no event of the steps it will resume after."""
+        if self._writer is not None:
+            self._writer.flush()
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()

@@ -380,6 +380,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                     log.write(done, {"val_accuracy": val_accuracy}, "val")
                     progress.write(f"step {done}: validation accuracy {val_accuracy:.4f}")
                 if saving_now:
+                    log.flush()
                     manager.save(done, state, val_accuracy=val_accuracy, force=bool(stopping))
                 bar.update(1)
                 if stopping:
