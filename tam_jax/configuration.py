@@ -62,9 +62,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.fewshot.shot = 1
     c.fewshot.queries = 5  # queries per class in training episodes (and evaluation's, see eval.queries)
     c.fewshot.temperature = 1.0  # logits = -scale * distance / temperature (Eq. 8 uses 1)
-    # Per-scorer scale of the distances in the logits (fewshot.logit_scale): "frames" multiplies the [0, 2]
-    # scorers (tsn, trn, cmn, mean, min, diagonal) by T to TAM's [0, 2T] so they can fit; "none": Eq. 8.
-    c.fewshot.logit_scale = "frames"
+    # Per-scorer scale of the distances in the logits (tam_jax.fewshot.logit_scale): "paper" is Eq. 8 for
+    # Table 2's scorers and multiplies the [0, 2] baselines (tsn, trn, cmn) by T to TAM's [0, 2T] so they can
+    # fit; "frames" also scales diagonal, mean and min by T; "none" is Eq. 8 for every scorer.
+    c.fewshot.logit_scale = "paper"
     c.fewshot.learn_temperature = False  # learn log(temperature), clamped to the bounds below
     c.fewshot.min_temperature = 0.01
     c.fewshot.max_temperature = 100.0

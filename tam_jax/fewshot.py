@@ -9,7 +9,8 @@ Table 1) compare the video embeddings of a trained head (`tam_jax.heads`), passe
 Logits (Eq. 8) are -scale * distance / temperature. TAM's distance sums T cosine distances, in [0, 2T];
 every other scorer but plain DTW gives one cosine distance (or a mean of them), in [0, 2], whose softmax at
 temperature 1 is nearly flat: the lowest 5-way loss it allows is log(1 + 4 e^-2) = 0.43 (`loss_floor`).
-`logit_scale` gives each scorer the factor that puts it on TAM's range (config.fewshot.logit_scale).
+`logit_scale` gives each scorer its factor (config.fewshot.logit_scale): by default the paper's Eq. 8 for
+the scorers the paper trains with it, and TAM's range for the baselines it takes from other papers.
 """
 
 from __future__ import annotations
@@ -29,7 +30,16 @@ ALL_SCORERS = (*SCORERS, *HEAD_SCORERS)  # every scorer a run can train with (co
 # Scorers whose video distance sums frame distances along an alignment path: TAM one per support frame,
 # in [0, 2T]; plain DTW T to 2T - 1 of them. Every other scorer's is in [0, 2].
 SUMMING_SCORERS = ("tam", "plain_dtw")
-LOGIT_SCALES = ("frames", "none")  # config.fewshot.logit_scale, see `logit_scale`
+# Table 1's baselines (TSN++, TRN++, CMN++), adapted from other papers; the paper does not say how their
+# distances enter Eq. 8, and at scale 1 they cannot fit (see `loss_floor`).
+BASELINE_SCORERS = ("tsn", "trn", "cmn")
+# config.fewshot.logit_scale -> the scorers whose distances it multiplies by T (see `logit_scale`).
+SCALED_SCORERS = {
+    "paper": BASELINE_SCORERS,
+    "frames": tuple(s for s in ALL_SCORERS if s not in SUMMING_SCORERS),
+    "none": (),
+}
+LOGIT_SCALES = tuple(SCALED_SCORERS)
 
 
 def check_scorer(name: str, *, learned: bool = False) -> None:
@@ -183,21 +193,21 @@ def logits_from_distances(distances: jax.Array, temperature: float | jax.Array =
     return -distances / temperature
 
 
-def logit_scale(method: str, num_frames: int, mode: str = "frames") -> float:
+def logit_scale(method: str, num_frames: int, mode: str = "paper") -> float:
     """The factor a scorer's distances are multiplied by in Eq. 8's logits, -scale * distance / temperature.
 
-    "frames": T = `num_frames` for the scorers whose distance is one cosine distance or a mean of them, in
-    [0, 2] (tsn, trn, cmn, mean, min, diagonal), so that their logits span [0, 2T] as TAM's do; 1 for the
-    summing scorers (tam, plain_dtw). Without it such a scorer cannot get below `loss_floor(way, 2)`
-    (0.43, 5-way) and trains weakly. "none": 1 for every scorer, Eq. 8 as written. Accuracy never depends on
-    the scale (the nearest class is the same); only the training signal does.
+    A distance that is one cosine distance or a mean of them lies in [0, 2]; at scale 1 it cannot get below
+    `loss_floor(way, 2)` (0.43, 5-way) and trains weakly. T = `num_frames` puts it on TAM's [0, 2T].
+    - "paper" (the default): 1 for the scorers of the paper's Table 2 (tam, plain_dtw, diagonal, mean, min),
+      Eq. 8 as the paper trains them; T for Table 1's baselines (tsn, trn, cmn), so they can learn.
+    - "frames": T for every [0, 2] scorer (the baselines and diagonal, mean, min); 1 for tam, plain_dtw.
+    - "none": 1 for every scorer, Eq. 8 as written.
+    Accuracy never depends on the scale (the nearest class is the same); only the training signal does.
     """
     check_scorer(method, learned=True)
     if mode not in LOGIT_SCALES:
         raise ValueError(f"config.fewshot.logit_scale={mode!r} is not one of {', '.join(LOGIT_SCALES)}.")
-    if mode == "none" or method in SUMMING_SCORERS:
-        return 1.0
-    return float(num_frames)
+    return float(num_frames) if method in SCALED_SCORERS[mode] else 1.0
 
 
 def loss_floor(way: int, distance_range: float, temperature: float = 1.0) -> float:

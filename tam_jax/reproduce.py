@@ -113,6 +113,13 @@ _FREE_KEYS = {
 _OLDER_RUNS = {"fewshot.logit_scale": "none"}
 
 
+def _scale(config: ml_collections.ConfigDict, mode: str) -> float | str:
+    """The logit scale `mode` gives config's scorer (the mode itself when it is not a known one)."""
+    if mode not in fewshot.LOGIT_SCALES:
+        return mode
+    return fewshot.logit_scale(config.fewshot.scorer, config.data.num_frames, mode)
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in tree.items():
@@ -136,8 +143,8 @@ def check_same_training(config: ml_collections.ConfigDict, workdir: str) -> None
     sections = set(_TRAINING_SECTIONS)
     if config.fewshot.scorer not in fewshot.HEAD_SCORERS:
         sections.discard("head")  # only TRN++ / CMN++ runs have a head
-    if config.fewshot.scorer in fewshot.SUMMING_SCORERS:
-        saved.pop("fewshot.logit_scale", None)  # scale 1 either way
+    if _scale(config, saved["fewshot.logit_scale"]) == _scale(config, config.fewshot.logit_scale):
+        saved["fewshot.logit_scale"] = config.fewshot.logit_scale  # another name, the same training
     differ = sorted(
         k for k in now.keys() & saved.keys()
         if k.split(".")[0] in sections and k not in _FREE_KEYS and now[k] != saved[k]

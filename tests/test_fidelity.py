@@ -145,8 +145,9 @@ def test_temperature_and_scale_config_errors_name_the_key(key, value, match):
 
 def test_logit_scale_per_scorer():
     for method in fewshot.ALL_SCORERS:
-        expected = 1.0 if method in ("tam", "plain_dtw") else 8.0
-        assert fewshot.logit_scale(method, 8) == expected, method
+        baseline = method in ("tsn", "trn", "cmn")  # Table 1's: T; Table 2's: Eq. 8 as the paper trains them
+        assert fewshot.logit_scale(method, 8) == (8.0 if baseline else 1.0), method
+        assert fewshot.logit_scale(method, 8, "frames") == (1.0 if method in ("tam", "plain_dtw") else 8.0)
         assert fewshot.logit_scale(method, 8, "none") == 1.0
     with pytest.raises(ValueError, match="logit_scale"):
         fewshot.logit_scale("tam", 8, "auto")
@@ -215,9 +216,12 @@ def test_a_baseline_run_from_before_the_logit_scale_is_not_reused(tmp_path):
     saved = config.to_dict()
     del saved["fewshot"]["logit_scale"]  # trained at scale 1, before the key existed
     (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"fewshot\.logit_scale='none' \(now 'paper'\)"):
+        reproduce.check_same_training(config, str(tmp_path))
+    for scorer in ("tam", "diagonal"):  # scale 1 either way: still the same training
+        config.fewshot.scorer = saved["alignment"]["method"] = scorer
+        (tmp_path / "config.json").write_text(json.dumps(saved))
+        reproduce.check_same_training(config, str(tmp_path))
+    config.fewshot.logit_scale = "frames"  # diagonal at scale T: another training
     with pytest.raises(ValueError, match=r"fewshot\.logit_scale='none' \(now 'frames'\)"):
         reproduce.check_same_training(config, str(tmp_path))
-    config.fewshot.scorer = "tam"  # scale 1 either way: still the same training
-    saved["alignment"]["method"] = "tam"
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-    reproduce.check_same_training(config, str(tmp_path))

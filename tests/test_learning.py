@@ -121,7 +121,7 @@ def test_eq8_by_hand_on_a_two_way_episode():
 
 @pytest.mark.parametrize(("method", "temperature", "scale"), [("tsn", 2.0, 4), ("tam", 0.5, 1)])
 def test_episode_loss_is_eq8_by_hand_with_temperature_and_logit_scale(method, temperature, scale):
-    # TSN++: the distance is one cosine in [0, 2], multiplied by T = 4 (fewshot.logit_scale "frames"); TAM's
+    # TSN++: the distance is one cosine in [0, 2], multiplied by T = 4 (fewshot.logit_scale "paper"); TAM's
     # sums T cosines and keeps scale 1.
     config = learning_config(method)
     config.fewshot.temperature = temperature
@@ -154,12 +154,17 @@ def test_a_few_steps_on_a_fixed_batch_fit_it(method):
     # Eq. 8 at temperature 1 and scale 1 by hand: the direction training must move, whatever the scale.
     assert eq8_loss(after, labels, 1.0) < eq8_loss(before, labels, 1.0) - 0.1
     assert nearest_class_accuracy(after, labels) >= 0.8 > 1 / WAY
-    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
-    if method not in fewshot.SUMMING_SCORERS:
+    floor = fewshot.loss_floor(WAY, 2.0)
+    if method in (*fewshot.SUMMING_SCORERS, *fewshot.BASELINE_SCORERS):
+        assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    else:  # bounded below by the floor: 1.56 -> 0.97 for mean and diagonal when written
+        assert history[-1]["loss"] < history[0]["loss"] - 0.3
+    if method in fewshot.BASELINE_SCORERS:
         # At scale 1 a [0, 2] distance cannot give a 5-way loss below log(1 + 4 e^-2) = 0.43 (so the
-        # baselines trained weakly); scaled by T (fewshot.logit_scale "frames") it can.
-        assert config.fewshot.logit_scale == "frames"
-        assert history[-1]["loss"] < fewshot.loss_floor(WAY, 2.0)
+        # baselines trained weakly); scaled by T (fewshot.logit_scale "paper" for the baselines) it can.
+        assert history[-1]["loss"] < floor
+    elif method not in fewshot.SUMMING_SCORERS:  # Table 2's diagonal, mean, min: Eq. 8 at scale 1
+        assert min(record["loss"] for record in history) >= floor - 1e-4
 
 
 def test_the_flat_softmax_floor():
