@@ -58,8 +58,9 @@ def shape_key(config) -> tuple:
 
 
 def settings_grid(args) -> list[dict]:
-    return [{"model.remat": r, "model.dtype": d, "train.episodes_per_device_step": e}
-            for r, d, e in itertools.product(args.remat, args.dtypes, args.episodes_per_device_step)]
+    return [{"model.remat": r, "model.dtype": d, "train.episodes_per_device_step": e, "train.embed_chunks": c}
+            for r, d, e, c in itertools.product(args.remat, args.dtypes, args.episodes_per_device_step,
+                                                args.embed_chunks)]
 
 
 def base_config(dataset: str, shot: int, args):
@@ -92,16 +93,18 @@ def fits_table(rows: list[dict]) -> str:
 
 def label(row: dict) -> str:
     return (f"remat={row['model.remat']}, {row['model.dtype']}, "
-            f"episodes_per_device_step={row['train.episodes_per_device_step']}")
+            f"episodes_per_device_step={row['train.episodes_per_device_step']}, "
+            f"embed_chunks={row.get('train.embed_chunks', 1)}")
 
 
 def rows_table(rows: list[dict]) -> str:
-    lines = ["| datasets | shot | remat | dtype | episodes/device step | micro-batches | temp GiB | "
-             "argument GiB | output GiB | total GiB | compile s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| datasets | shot | remat | dtype | episodes/device step | micro-batches | embed chunks | "
+             "temp GiB | argument GiB | output GiB | total GiB | compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         head = (f"| {r['datasets']} | {r['shot']} | {r['model.remat']} | {r['model.dtype']} | "
-                f"{r['train.episodes_per_device_step']} | {r.get('micro_batches', '-')} |")
+                f"{r['train.episodes_per_device_step']} | {r.get('micro_batches', '-')} | "
+                f"{r.get('train.embed_chunks', 1)} |")
         if "total" not in r:
             lines.append(f"{head} {r.get('error', r.get('skipped', 'not measured'))[:80]} |")
             continue
@@ -117,6 +120,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", type=csv, default=["none", "block"], help="model.remat values")
     p.add_argument("--dtypes", type=csv, default=["float32", "bfloat16"], help="model.dtype values")
     p.add_argument("--episodes_per_device_step", type=lambda t: csv(t, int), default=[1, 2])
+    p.add_argument("--embed_chunks", type=lambda t: csv(t, int), default=[1],
+                   help="train.embed_chunks values (chunks of an episode's videos, recomputed one at a time)")
     p.add_argument("--episodes_per_step", type=int, default=0, help="0: the config's (4)")
     p.add_argument("--arch", default="", help="override model.arch (e.g. tiny, for a quick run)")
     p.add_argument("--image_size", type=int, default=0)

@@ -1,10 +1,13 @@
-"""Time cost of rematerialisation: seconds per train step with each `model.remat`, on whatever device runs it.
+"""Time cost of rematerialisation: seconds per train step with each `model.remat` and `train.embed_chunks`,
+on whatever device runs it.
 
-    python benchmarks/remat_time.py [--arch resnet18] [--image_size 64] [--remat none,block] [--steps 5]
+    python benchmarks/remat_time.py [--arch resnet18] [--image_size 64] [--remat none,block]
+        [--embed_chunks 1,5] [--steps 5]
 
 The full train step (`train.make_train_step`, `configuration.default_config()` with these shapes: 5-way
 1-shot, 5 queries per class, T=4, one episode) on synthetic frames, compiled first, then the median of
-`--steps` blocked steps after one warm-up step. Prints each setting's seconds and its ratio to the first.
+`--steps` blocked steps after one warm-up step. Every remat value is run with every chunk count; prints each
+setting's seconds and its ratio to the first.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from tam_jax import hosts, models, train, train_state  # noqa: E402
 from tam_jax.configuration import default_config  # noqa: E402
 
 
-def step_seconds(args, remat: str) -> float:
+def step_seconds(args, remat: str, embed_chunks: int) -> float:
     config = default_config()
     config.model.arch, config.model.remat, config.model.dtype = args.arch, remat, args.dtype
+    config.train.embed_chunks = embed_chunks
     config.data.image_size, config.data.num_frames = args.image_size, args.num_frames
     config.fewshot.shot, config.fewshot.queries = args.shot, args.queries
     config.train.episodes_per_step = config.train.episodes_per_device_step = 1
@@ -60,13 +64,18 @@ def main(argv=None):
     p.add_argument("--queries", type=int, default=5)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--remat", default="none,block")
+    p.add_argument("--embed_chunks", default="1",
+                   help="train.embed_chunks values (divisors of 5 * (shot + queries))")
     p.add_argument("--steps", type=int, default=5)
     args = p.parse_args(argv)
-    results = {remat: step_seconds(args, remat) for remat in args.remat.split(",")}
-    first = next(iter(results.values()))
-    print(f"| remat | s/step | vs {next(iter(results))} |\n|---|---|---|")
-    for remat, seconds in results.items():
-        print(f"| {remat} | {seconds:.3f} | {seconds / first:.2f}x |")
+    results = {
+        (remat, int(chunks)): step_seconds(args, remat, int(chunks))
+        for remat in args.remat.split(",") for chunks in args.embed_chunks.split(",")
+    }
+    first_setting, first = next(iter(results.items()))
+    print(f"| remat | embed chunks | s/step | vs {first_setting[0]}, {first_setting[1]} |\n|---|---|---|---|")
+    for (remat, chunks), seconds in results.items():
+        print(f"| {remat} | {chunks} | {seconds:.3f} | {seconds / first:.2f}x |")
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {args}")
     return results
 

@@ -87,6 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Episodes each device embeds at once: a step runs episodes_per_step / (devices * this) micro-batches in
     # turn and averages their gradients; memory grows with this, not with episodes_per_step.
     c.train.episodes_per_device_step = 1
+    # Chunks each episode's videos are embedded in, each recomputed alone in the backward pass
+    # (tam_jax.frame_chunks): memory for one chunk's activations; BatchNorm normalises each chunk by itself.
+    c.train.embed_chunks = 1
     c.train.check_memory_fit = True  # where the device reports its memory, stop early if the step won't fit
     c.train.optimizer = "sgd"  # "sgd" | "adam"
     c.train.learning_rate = 0.001
@@ -169,6 +172,10 @@ def eval_queries(config: ml_collections.ConfigDict) -> int:
     return int(config.eval.get("queries", 0) or config.fewshot.queries)
 
 
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(2, n + 1) if n % d == 0)
+
+
 def validate(config: ml_collections.ConfigDict, training: bool = True) -> None:
     """Fail before any compute on a config that cannot run, naming the key and the fix.
 
@@ -249,7 +256,7 @@ def validate(config: ml_collections.ConfigDict, training: bool = True) -> None:
         if config.fewshot[key] < 1:
             fail(f"fewshot.{key}", f"must be >= 1, got {config.fewshot[key]}.")
     for key in ("train.log_every_steps", "train.num_steps", "train.episodes_per_step",
-                "train.episodes_per_device_step",
+                "train.episodes_per_device_step", "train.embed_chunks",
                 "eval.num_episodes", "eval.episodes_per_batch", "eval.embed_batch_size"):
         section, name = key.split(".")
         if config[section][name] < 1:
@@ -258,5 +265,9 @@ def validate(config: ml_collections.ConfigDict, training: bool = True) -> None:
         fail("train.episodes_per_step", f"{train.episodes_per_step} is not a multiple of "
              f"train.episodes_per_device_step={train.episodes_per_device_step} (nor, then, of it times the "
              "device count); change one of them.")
+    videos = config.fewshot.way * (config.fewshot.shot + config.fewshot.queries)
+    if videos % train.embed_chunks:
+        fail("train.embed_chunks", f"{train.embed_chunks} does not divide the {videos} videos of a training "
+             f"episode (way * (shot + queries)); choose a divisor, e.g. {_divisors(videos)}.")
     if config.eval.checkpoint not in ("best", "latest"):
         fail("eval.checkpoint", f"{config.eval.checkpoint!r} is not 'best' or 'latest'.")

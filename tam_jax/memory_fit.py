@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from tam_jax import models
+from tam_jax import frame_chunks, models
 from tam_jax.train_state import create_train_state, make_optimizer
 
 GIB = 2**30
@@ -103,18 +103,23 @@ def candidate_settings(config: ml_collections.ConfigDict) -> list[dict]:
 
     The ladder: one episode per device at a time (same work per episode, more micro-batches), then
     bfloat16 activations, then block rematerialisation (recomputes the forward pass in the backward),
-    then both. Settings `config` already has are not repeated.
+    then both, then an episode's videos embedded in chunks of at most 10, then 5 (`tam_jax.frame_chunks`:
+    a chunk at a time in the backward pass; BatchNorm per chunk). Settings `config` already has are not
+    repeated.
     """
     current = {
         "train.episodes_per_device_step": config.train.episodes_per_device_step,
         "model.dtype": config.model.dtype,
         "model.remat": config.model.get("remat", "none"),
+        "train.embed_chunks": config.train.get("embed_chunks", 1),
     }
+    smallest = {"train.episodes_per_device_step": 1, "model.dtype": "bfloat16", "model.remat": "block"}
     ladder = [
         {"train.episodes_per_device_step": 1},
         {"train.episodes_per_device_step": 1, "model.dtype": "bfloat16"},
         {"train.episodes_per_device_step": 1, "model.remat": "block"},
-        {"train.episodes_per_device_step": 1, "model.dtype": "bfloat16", "model.remat": "block"},
+        smallest,
+        *({**smallest, "train.embed_chunks": frame_chunks.chunks_for(config, n)} for n in (10, 5)),
     ]
     out = []
     for step in ladder:

@@ -36,7 +36,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tam_jax import checkpoints, evaluate, fewshot, heads, hosts, memory_fit, models, progress
+from tam_jax import checkpoints, evaluate, fewshot, frame_chunks, heads, hosts, memory_fit, models, progress
 from tam_jax.configuration import validate
 from tam_jax.data import pipeline
 from tam_jax.files import write_text
@@ -76,9 +76,11 @@ class TrainingInterrupted(Exception):
 # The train step.
 
 
-def embed_episode(params, batch_stats, batch: dict, *, model: models.FrameEmbedder):
+def embed_episode(params, batch_stats, batch: dict, *, model: models.FrameEmbedder, chunks: int = 1):
     """Frame features of every video of a batch (in the train step, a micro-batch) of episodes, in training
-    mode; BatchNorm normalises with, and updates its running statistics from, this batch alone.
+    mode; BatchNorm normalises with, and updates its running statistics from, this batch alone (with
+    `chunks` > 1, each of `chunks` chunks of its videos, recomputed alone in the backward pass:
+    `tam_jax.frame_chunks`, config.train.embed_chunks).
 
     Args:
       batch: {"support": uint8 `[E, way*shot, T, H, W, 3]`, "query": uint8 `[E, Nq, T, H, W, 3]`, ...}.
@@ -86,16 +88,20 @@ def embed_episode(params, batch_stats, batch: dict, *, model: models.FrameEmbedd
     Returns:
       (float32 `[E, way*shot + Nq, T, D]`, support videos first; the new BatchNorm statistics).
     """
-    support, query = batch["support"], batch["query"]
+    videos = jnp.concatenate([batch["support"], batch["query"]], axis=1)
+
+    def apply(params, batch_stats, clips):
+        features, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats}, clips, train=True, mutable=["batch_stats"]
+        )
+        return features, updates["batch_stats"]
+
+    if chunks > 1:
+        return frame_chunks.embed_in_chunks(apply, params["embedder"], batch_stats, videos, chunks)
     # Every frame of every video of the batch goes through the backbone in one call, so BatchNorm sees
     # the whole (micro-)batch, across devices.
-    videos = jnp.concatenate([support, query], axis=1).reshape((-1,) + support.shape[2:])
-    features, updates = model.apply(
-        {"params": params["embedder"], "batch_stats": batch_stats}, videos, train=True,
-        mutable=["batch_stats"],
-    )
-    features = features.reshape(support.shape[0], support.shape[1] + query.shape[1], *features.shape[1:])
-    return features, updates["batch_stats"]
+    features, batch_stats = apply(params["embedder"], batch_stats, videos.reshape((-1,) + videos.shape[2:]))
+    return features.reshape(*videos.shape[:2], *features.shape[1:]), batch_stats
 
 
 def episode_logits(params, features: jax.Array, num_support: int, config: ml_collections.ConfigDict):
@@ -126,7 +132,9 @@ def episode_loss(params, batch_stats, batch: dict, *, model: models.FrameEmbedde
       (loss, (new batch_stats, {"loss", "accuracy"})); features, logits and loss are float32 whatever
       `model.dtype` computes the backbone in.
     """
-    features, batch_stats = embed_episode(params, batch_stats, batch, model=model)
+    features, batch_stats = embed_episode(
+        params, batch_stats, batch, model=model, chunks=config.train.get("embed_chunks", 1)
+    )
     logits = episode_logits(params, features, batch["support"].shape[1], config)
     labels = batch["query_labels"]
     loss = fewshot.cross_entropy(logits, labels)

@@ -32,7 +32,11 @@ def test_candidate_settings_skip_what_the_config_already_has():
     assert memory_fit.candidate_settings(config)[0] == {"train.episodes_per_device_step": 1}
     config.train.episodes_per_device_step = 1
     config.model.dtype = "bfloat16"
-    assert memory_fit.candidate_settings(config) == [{"model.remat": "block"}]
+    # 15 videos per episode (5-way, 1 shot + 2 queries): chunks of at most 10 and of 5 are both 3 chunks.
+    assert memory_fit.candidate_settings(config) == [
+        {"model.remat": "block"}, {"model.remat": "block", "train.embed_chunks": 3}]
+    config.model.remat, config.fewshot.queries = "block", 5  # 30 videos: chunks of 10, then of 5
+    assert memory_fit.candidate_settings(config) == [{"train.embed_chunks": 3}, {"train.embed_chunks": 6}]
 
 
 def test_check_step_fits_stops_naming_the_first_setting_that_fits():
