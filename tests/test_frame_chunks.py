@@ -8,7 +8,13 @@ import pytest
 from tam_jax import fewshot, frame_chunks, hosts, memory_fit, models, train, train_state
 from tam_jax.configuration import validate
 from tests.helpers import tiny_config
-from tests.test_train import _assert_trees_close, _sgd_config, one_step, synthetic_batch
+from tests.test_train import (
+    _assert_trees_close,
+    _sgd_config,
+    assert_eight_devices_give_the_one_device_step,
+    one_step,
+    synthetic_batch,
+)
 
 
 def test_chunks_take_a_slice_of_every_episode_and_come_back_in_place():
@@ -100,13 +106,7 @@ def test_with_frozen_batchnorm_chunks_give_the_unchunked_step():
 def test_chunks_on_eight_devices_give_the_one_device_step():
     config = _small(_sgd_config(episodes=8))
     config.train.embed_chunks = 2
-    batch = synthetic_batch(config, episodes=8)
-    config.mesh.num_devices, config.train.episodes_per_device_step = 1, 8
-    params_1, metrics_1 = one_step(config, batch)
-    config.mesh.num_devices, config.train.episodes_per_device_step = 8, 1
-    params_8, metrics_8 = one_step(config, batch)
-    np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-5)
-    _assert_trees_close(params_8, params_1)
+    assert_eight_devices_give_the_one_device_step(config)
 
 
 def test_chunks_shrink_the_compiled_steps_temporaries():

@@ -112,12 +112,9 @@ def synthetic_batch(config, episodes):
     }
 
 
-def test_eight_devices_give_the_same_step_as_one():
+def assert_eight_devices_give_the_one_device_step(config):
+    """One step of 8 episodes on 1 device and on 8: the same loss and parameters."""
     assert jax.device_count() == 8, "tests/conftest.py should give 8 CPU devices"
-    config = tiny_config()
-    # Plain SGD: Adam's first step is sign-like and would magnify reduction-order noise in tiny gradients.
-    config.train.optimizer = "sgd"
-    config.train.learning_rate = 0.01
     batch = synthetic_batch(config, episodes=8)
     # One micro-batch of all 8 episodes either way: BatchNorm sees the same frames.
     config.mesh.num_devices, config.train.episodes_per_device_step = 1, 8
@@ -126,6 +123,14 @@ def test_eight_devices_give_the_same_step_as_one():
     params_8, metrics_8 = one_step(config, batch)
     np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_1, params_8)
+
+
+def test_eight_devices_give_the_same_step_as_one():
+    config = tiny_config()
+    # Plain SGD: Adam's first step is sign-like and would magnify reduction-order noise in tiny gradients.
+    config.train.optimizer = "sgd"
+    config.train.learning_rate = 0.01
+    assert_eight_devices_give_the_one_device_step(config)
 
 
 def _sgd_config(episodes):
