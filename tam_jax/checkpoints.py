@@ -55,6 +55,13 @@ class _WithoutMetricsNotice(logging.Filter):
 logging.getLogger("absl").addFilter(_WithoutMetricsNotice())
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint or support cache that does not fit the model it is used with; says what differs.
+
+    Not damage: `CheckpointManager.restore_good` raises it at once instead of trying an earlier step.
+    """
+
+
 class CheckpointDamagedError(RuntimeError):
     """No checkpoint in a folder can be restored; the message lists each step and why, and what to do."""
 
@@ -186,18 +193,17 @@ class CheckpointManager:
         return self.restore_good(self._manager.all_steps()[::-1], lambda step: self.restore(step, target),
                                  default=target)
 
-    def restore_good(self, steps, restore, *, default: Any = None, move_aside: bool = True,
-                     fatal: tuple[type[Exception], ...] = ()) -> Any:
+    def restore_good(self, steps, restore, *, default: Any = None, move_aside: bool = True) -> Any:
         """`restore(step)` for the first of `steps` that restores; `default` when `steps` is empty.
 
         The damaged steps before it are logged and (with `move_aside`) moved to `damaged_checkpoints/`.
-        Errors of the `fatal` types (a config that does not fit the checkpoint) are raised at once.
+        A CheckpointMismatchError (a config that does not fit the checkpoint) is raised at once.
         """
         damaged = []
         for step in steps:
             try:
                 restored = restore(step)
-            except fatal:
+            except CheckpointMismatchError:
                 raise
             except Exception as e:  # Orbax and tensorstore raise many types for a bad folder
                 damaged.append((step, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))

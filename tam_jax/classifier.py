@@ -2,6 +2,7 @@
 
 import warnings
 
+from tam_jax.checkpoints import CheckpointMismatchError  # noqa: F401
 from tam_jax.inference import (  # noqa: F401
     FewShotClassifier,
     Prediction,
@@ -13,7 +14,6 @@ from tam_jax.inference import (  # noqa: F401
     find_support_clips,
     load_trained_model,
 )
-from tam_jax.train_state import CheckpointMismatchError  # noqa: F401
 
 warnings.warn("tam_jax.classifier is renamed tam_jax.inference; update the import.", FutureWarning,
               stacklevel=2)

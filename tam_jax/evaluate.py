@@ -355,7 +355,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> list
 
 def _evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     from tam_jax import models
-    from tam_jax.train_state import CheckpointMismatchError, restore_trained
+    from tam_jax.train_state import restore_trained
 
     report = SkipReport()
     mesh = hosts.make_mesh(config.mesh.num_devices)
@@ -373,7 +373,7 @@ def _evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> lis
             state = imported_state(config, model, mesh, workdir)
         else:  # a damaged checkpoint is reported and the next good one evaluated (never loaded silently)
             restore = lambda s: restore_trained(manager, s, config, mesh)
-            state = manager.restore_good(steps, restore, move_aside=False, fatal=(CheckpointMismatchError,))
+            state = manager.restore_good(steps, restore, move_aside=False)
     finally:
         manager.close()
     step = int(state.step) if steps else None

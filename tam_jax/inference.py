@@ -32,16 +32,12 @@ import ml_collections
 import numpy as np
 
 from tam_jax import checkpoints, fewshot, hosts, models
+from tam_jax.checkpoints import CheckpointMismatchError
 from tam_jax.data.pipeline import clip_spec
 from tam_jax.data.report import ClipError
 from tam_jax.embedding import Embedder, map_batches
 from tam_jax.files import atomic_write
-from tam_jax.train_state import (  # noqa: F401  (CheckpointMismatchError: part of this API)
-    CheckpointMismatchError,
-    TrainState,
-    embedder_variables,
-    restore_trained,
-)
+from tam_jax.train_state import TrainState, embedder_variables, restore_trained
 
 CACHE_FORMAT = 1
 # Preprocessing a support cache must share with the checkpoint: (metadata key, what to call it).
@@ -130,10 +126,9 @@ def load_trained_model(path: str | os.PathLike, *, num_devices: int = 1) -> Trai
     restore = lambda s: restore_trained(manager, s, config, mesh, where=str(workdir / "config.json"))
     try:
         if Path(path).name.isdigit():  # one step named: that one or an error, never another
-            state = manager.restore_good([step], restore, move_aside=False, fatal=(CheckpointMismatchError,))
+            state = manager.restore_good([step], restore, move_aside=False)
         else:
-            state = manager.restore_good(manager.fallback_order("best"), restore, move_aside=False,
-                                         fatal=(CheckpointMismatchError,))
+            state = manager.restore_good(manager.fallback_order("best"), restore, move_aside=False)
             step = int(state.step)
     finally:
         manager.close()

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tam_jax import checkpoints, fewshot, heads, models
+from tam_jax.checkpoints import CheckpointMismatchError
 
 
 @flax.struct.dataclass
@@ -123,10 +124,6 @@ def create_train_state(
 
     replicated = NamedSharding(mesh, P())
     return jax.jit(init, out_shardings=replicated)(params, variables.get("batch_stats", {}))
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint or support cache that does not fit the model it is used with; says what differs."""
 
 
 def restore_trained(
