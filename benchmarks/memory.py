@@ -6,7 +6,7 @@
     python benchmarks/memory.py --arch tiny --image_size 32 --num_frames 4    # seconds, for a quick look
 
 For each dataset config (`configs/<name>.py:shot=S`, `tam_jax.dataset_configs`) the train step
-(`train.make_train_step`) is compiled on one device from abstract inputs (`tam_jax.memory_fit.step_memory`:
+(`train_step.make_train_step`) is compiled on one device from abstract inputs (`tam_jax.plan.compile_step`:
 `jax.ShapeDtypeStruct`s and `jax.eval_shape`, so no ResNet-50 weights or 224-pixel frames are made) and
 XLA's buffer assignment is read (`compiled.memory_analysis()`): argument, output, temporary and aliased
 bytes per device, and the total the step holds (arguments + outputs + temporaries - aliased). Dataset
@@ -36,7 +36,7 @@ import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tam_jax import hosts, memory_fit  # noqa: E402
+from tam_jax import hosts, plan  # noqa: E402
 from tam_jax.dataset_configs import DATASETS, paper_config  # noqa: E402
 
 GIB = 2**30
@@ -151,7 +151,7 @@ def run(args) -> dict:
             groups.setdefault(shape_key(base_config(dataset, shot, args)), []).append(dataset)
         for datasets in groups.values():
             for setting in settings_grid(args):
-                config = memory_fit.with_overrides(base_config(datasets[0], shot, args), setting)
+                config = plan.with_overrides(base_config(datasets[0], shot, args), setting)
                 row = {"datasets": ",".join(datasets), "shot": shot, **setting,
                        "episodes_per_step": config.train.episodes_per_step}
                 if time.time() - start > args.max_seconds:
@@ -161,7 +161,7 @@ def run(args) -> dict:
                         row["micro_batches"] = (config.train.episodes_per_step
                                                 // config.train.episodes_per_device_step)
                         began = time.time()
-                        row.update(memory_fit.step_memory(config, mesh).as_dict())
+                        row.update(plan.compile_step(config, mesh)[1].as_dict())
                         row["compile_s"] = time.time() - began
                     except Exception as e:  # a setting that does not compile is recorded, the rest go on
                         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"

@@ -4,7 +4,7 @@ on whatever device runs it.
     python benchmarks/remat_time.py [--arch resnet18] [--image_size 64] [--remat none,block]
         [--embed_chunks 1,5] [--steps 5]
 
-The full train step (`train.make_train_step`, `configuration.default_config()` with these shapes: 5-way
+The full train step (`train_step.make_train_step`, `configuration.default_config()` with these shapes: 5-way
 1-shot, 5 queries per class, T=4, one episode) on synthetic frames, compiled first, then the median of
 `--steps` blocked steps after one warm-up step. Every remat value is run with every chunk count; prints each
 setting's seconds and its ratio to the first.
@@ -23,8 +23,34 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tam_jax import hosts, models, train, train_state  # noqa: E402
+from tam_jax import hosts, models, train_state, train_step  # noqa: E402
 from tam_jax.configuration import default_config  # noqa: E402
+
+
+def median_step_seconds(config, steps: int, *, unroll: bool = False) -> float:
+    """Median seconds of `steps` blocked train steps of `config` (its plan keys set, on
+    `config.mesh.num_devices` devices) on random frames, after compiling and one warm-up step."""
+    mesh = hosts.make_mesh(config.mesh.num_devices)
+    model = models.build_embedder(config.model)
+    optimizer = train_state.make_optimizer(config)
+    state = train_state.create_train_state(config, model, optimizer, mesh)
+    rng = np.random.default_rng(0)
+    fs, episodes = config.fewshot, config.train.episodes_per_step
+    clip = (config.data.num_frames, config.data.image_size, config.data.image_size, 3)
+    batch = train_step.shard_batch({
+        "support": rng.integers(0, 256, (episodes, fs.way * fs.shot, *clip), dtype=np.uint8),
+        "query": rng.integers(0, 256, (episodes, fs.way * fs.queries, *clip), dtype=np.uint8),
+        "query_labels": np.tile(np.repeat(np.arange(fs.way), fs.queries), (episodes, 1)).astype(np.int32),
+    }, mesh)
+    step = train_step.make_train_step(config, model, optimizer, mesh, unroll=unroll)
+    step = step.lower(state, batch).compile()
+    state, _ = jax.block_until_ready(step(state, batch))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, _ = jax.block_until_ready(step(state, batch))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def step_seconds(args, remat: str, embed_chunks: int) -> float:
@@ -33,26 +59,8 @@ def step_seconds(args, remat: str, embed_chunks: int) -> float:
     config.train.embed_chunks = embed_chunks
     config.data.image_size, config.data.num_frames = args.image_size, args.num_frames
     config.fewshot.shot, config.fewshot.queries = args.shot, args.queries
-    config.train.episodes_per_step = config.train.episodes_per_device_step = 1
-    mesh = hosts.make_mesh(1)
-    model = models.build_embedder(config.model)
-    optimizer = train_state.make_optimizer(config)
-    state = train_state.create_train_state(config, model, optimizer, mesh)
-    rng = np.random.default_rng(0)
-    way, clip = config.fewshot.way, (args.num_frames, args.image_size, args.image_size, 3)
-    batch = train.shard_batch({
-        "support": rng.integers(0, 256, (1, way * args.shot, *clip), dtype=np.uint8),
-        "query": rng.integers(0, 256, (1, way * args.queries, *clip), dtype=np.uint8),
-        "query_labels": np.repeat(np.arange(way), args.queries)[None].astype(np.int32),
-    }, mesh)
-    step = train.make_train_step(config, model, optimizer, mesh).lower(state, batch).compile()
-    state, _ = jax.block_until_ready(step(state, batch))
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        state, _ = jax.block_until_ready(step(state, batch))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    config.train.episodes_per_step = config.train.episodes_per_device_step = config.mesh.num_devices = 1
+    return median_step_seconds(config, args.steps)
 
 
 def main(argv=None):

@@ -4,11 +4,11 @@
     python benchmarks/train_throughput.py --arch tiny --image_size 32 --num_frames 4 \
         --episodes_per_step 1 --embed_batch_size 4 --steps 2      # a quick run on a CPU
 
-Ours: `tam_jax.train.make_train_step` with `tam_jax.configuration.default_config()` (the paper's setting:
+Ours: `tam_jax.train_step.make_train_step` with `tam_jax.configuration.default_config()` (the paper's setting:
 ResNet-50, T=8, 224 px crops, TAM with lam=0.1, SGD lr 0.001 momentum 0.9), 5-way 5-shot with 5 queries
 per class, bfloat16 computation with float32 parameters (`--arch`, `--image_size`, `--num_frames`, `--way`,
 `--shot`, `--queries`, `--dtype` change it). The input is synthetic uint8 frames, sharded onto the device
-once (`train.shard_batch`) and fed to every step, so no input pipeline is timed. The step is compiled
+once (`train_step.shard_batch`) and fed to every step, so no input pipeline is timed. The step is compiled
 ahead of time and "first call" is that compile (for a function that is no `jax.jit` object, its first call,
 compile included). After `--warmup` steps, a figure is the median over `--steps`
 steps each followed by `block_until_ready`; "pipelined" is the mean of `--steps` steps issued back to back
@@ -26,7 +26,7 @@ XLA's own estimate of each compiled function's memory (arguments + outputs + tem
 
 Where the time goes (`--parts`, on by default): at the largest episodes per step that ran, each part of the
 step alone: the backbone's forward and backward (BatchNorm in training mode, input normalisation
-included), the alignment and loss forward and backward on ready-made features (`train.episode_loss` with
+included), the alignment and loss forward and backward on ready-made features (`train_step.episode_loss` with
 the embedder replaced by the identity), and the optimiser update. Input costs nothing here by construction
 (the batch is on the device); host round trips show as the gap between the blocked and pipelined figures.
 
@@ -68,7 +68,7 @@ import jaxlib  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from tam_jax import embedding, fewshot, hosts, models, train, train_state  # noqa: E402
+from tam_jax import embedding, fewshot, hosts, models, train_state, train_step  # noqa: E402
 from tam_jax.configuration import default_config  # noqa: E402
 
 TORCH_SCRIPT = Path(__file__).resolve().with_name("otam_torch.py")
@@ -97,12 +97,13 @@ def make_config(args: argparse.Namespace, episodes: int):
     per_device = episodes // max(1, args.num_devices) if args.num_devices else episodes // jax.device_count()
     config.train.episodes_per_device_step = args.episodes_per_device_step or max(1, per_device)
     config.model.remat = args.remat
+    config.train.embed_chunks = 1
     config.mesh.num_devices = args.num_devices
     return config
 
 
 def synthetic_batch(config, episodes: int, seed: int = 0) -> dict:
-    """Random uint8 episodes in the layout of `train.episode_loss`'s batch."""
+    """Random uint8 episodes in the layout of `train_step.episode_loss`'s batch."""
     rng = np.random.default_rng(seed)
     way, shot, queries = config.fewshot.way, config.fewshot.shot, config.fewshot.queries
     clip = (config.data.num_frames, config.data.image_size, config.data.image_size, 3)
@@ -205,8 +206,8 @@ class JaxBench:
         config = make_config(self.args, episodes)
         row = {"framework": "jax", "mode": "train", "batch": episodes,
                "frames_per_step": episodes * videos_per_episode(self.args) * self.args.num_frames}
-        batch = train.shard_batch(synthetic_batch(config, episodes), self.mesh)
-        step = train.make_train_step(config, self.model, self.optimizer, self.mesh)
+        batch = train_step.shard_batch(synthetic_batch(config, episodes), self.mesh)
+        step = train_step.make_train_step(config, self.model, self.optimizer, self.mesh)
         state = self.fresh_state()
         self.state = None  # donated to the step from here on
         compiled, row["first_call_s"], row["xla_estimate_bytes"] = compile_ahead(step, state, batch)
@@ -232,7 +233,7 @@ class JaxBench:
         frames = np.random.default_rng(1).integers(
             0, 256, (videos, self.args.num_frames, size, size, 3), dtype=np.uint8
         )
-        frames = train.shard_batch({"frames": frames}, self.mesh)["frames"]
+        frames = train_step.shard_batch({"frames": frames}, self.mesh)["frames"]
         variables = train_state.embedder_variables(self.fresh_state())
         embed = embedding.inference_apply(self.model)
         compiled, row["first_call_s"], row["xla_estimate_bytes"] = compile_ahead(embed, variables, frames)
@@ -246,7 +247,7 @@ class JaxBench:
     def parts(self, episodes: int) -> dict:
         """Seconds per call of the step's parts alone (see the module docstring)."""
         config = make_config(self.args, episodes)
-        batch = train.shard_batch(synthetic_batch(config, episodes), self.mesh)
+        batch = train_step.shard_batch(synthetic_batch(config, episodes), self.mesh)
         state = self.fresh_state()
         params, batch_stats = state.params, state.batch_stats
         videos = jnp.concatenate([batch["support"], batch["query"]], axis=1)
@@ -269,7 +270,7 @@ class JaxBench:
         def alignment(features, labels):
             def loss(features):
                 joined = jnp.concatenate([features["support"], features["query"]], axis=1)
-                logits = train.episode_logits({}, joined, features["support"].shape[1], config)
+                logits = train_step.episode_logits({}, joined, features["support"].shape[1], config)
                 return fewshot.cross_entropy(logits, labels)
 
             return jax.value_and_grad(loss)(features)

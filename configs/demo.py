@@ -30,9 +30,6 @@ def get_config(arg=None):
     c.fewshot.temperature = 1.0  # the paper's; 0.1 learned slower here (benchmarks/README.md, "The demo")
     c.train.num_steps = 300
     c.train.episodes_per_step = 4
-    # All four episodes through the tiny backbone at once, no accumulation: it fits any machine, and four
-    # one-episode micro-batches made the demo about three times slower on a 2-core CPU.
-    c.train.episodes_per_device_step = 4
     c.train.optimizer = "adam"  # the paper's SGD at lr 0.001 barely moves a network trained from scratch
     c.train.learning_rate = 1e-3
     c.train.schedule = "cosine"

@@ -16,6 +16,9 @@ from tam_jax import fewshot
 from tam_jax.models.resnet import REMAT_CHOICES
 
 DTYPES = ("float32", "bfloat16")
+# The execution plan's keys (tam_jax.plan), each with the value that leaves it to the plan.
+PLAN_AUTO = {"mesh.num_devices": 0, "train.episodes_per_device_step": 0, "train.embed_chunks": 0,
+             "model.remat": "auto"}
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("step", "cosine", "constant")
 
@@ -52,10 +55,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.init_from = ""  # a backbone directory from `python -m tam_jax.tools.import_weights`
     c.model.dtype = "float32"  # computation dtype: "float32" | "bfloat16" (parameters stay float32)
     c.model.freeze_bn = False  # BatchNorm keeps its running statistics in training
-    # Recompute activations in the backward pass to save memory: "none" | "block" (the stem and each
-    # residual block) | a jax.checkpoint_policies name applied per unit (stem, blocks), e.g.
-    # "dots_with_no_batch_dims_saveable"
-    c.model.remat = "none"
+    # Recompute activations in the backward pass to save memory: "auto" (the run's plan, tam_jax.plan) |
+    # "none" | "block" (the stem and each residual block) | a jax.checkpoint_policies name applied per unit
+    # (stem, blocks), e.g. "dots_with_no_batch_dims_saveable"
+    c.model.remat = "auto"
 
     c.fewshot = ml_collections.ConfigDict()
     c.fewshot.way = 5
@@ -83,14 +86,15 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 120_000
-    c.train.episodes_per_step = 4  # episodes per train step: a multiple of devices * episodes_per_device_step
+    c.train.episodes_per_step = 4  # episodes per train step, split evenly over the devices
+    # The execution plan (tam_jax.plan): 0 = chosen at start, the fastest that fits the device's memory.
     # Episodes each device embeds at once: a step runs episodes_per_step / (devices * this) micro-batches in
     # turn and averages their gradients; memory grows with this, not with episodes_per_step.
-    c.train.episodes_per_device_step = 1
+    c.train.episodes_per_device_step = 0
     # Chunks each episode's videos are embedded in, each recomputed alone in the backward pass
     # (tam_jax.frame_chunks): memory for one chunk's activations; BatchNorm normalises each chunk by itself.
-    c.train.embed_chunks = 1
-    c.train.check_memory_fit = True  # where the device reports its memory, stop early if the step won't fit
+    c.train.embed_chunks = 0
+    c.train.memory_limit_gib = 0.0  # caps the memory a plan may use per device (0: what the device reports)
     c.train.optimizer = "sgd"  # "sgd" | "adam"
     c.train.learning_rate = 0.001
     c.train.momentum = 0.9
@@ -116,7 +120,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.embed_batch_size = 32  # videos per embedding batch (a multiple of the device count)
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.num_devices = 0  # data-parallel devices; 0 = all
+    c.mesh.num_devices = 0  # data-parallel devices; 0 = the plan's: all that episodes_per_step divides over
     return c
 
 
@@ -172,14 +176,11 @@ def eval_queries(config: ml_collections.ConfigDict) -> int:
     return int(config.eval.get("queries", 0) or config.fewshot.queries)
 
 
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(2, n + 1) if n % d == 0)
-
-
-def validate(config: ml_collections.ConfigDict, training: bool = True) -> None:
+def validate(config: ml_collections.ConfigDict, training: bool = True, *, files: bool = True) -> None:
     """Fail before any compute on a config that cannot run, naming the key and the fix.
 
-    `training=False` (evaluating a trained run) does not need the backbone initialisation to exist.
+    `training=False` (evaluating a trained run) does not need the backbone initialisation to exist;
+    `files=False` (`--mode=plan`) needs neither it nor the data.
     Long on purpose: one flat list of checks, in the order of the config's sections.
     """
     upgrade_config(config)
@@ -190,7 +191,7 @@ def validate(config: ml_collections.ConfigDict, training: bool = True) -> None:
 
     if data.kind not in ("demo", "frames", "videos", "tfds"):
         fail("data.kind", f"{data.kind!r} is not one of 'demo', 'frames', 'videos', 'tfds'.")
-    if data.kind in ("frames", "videos"):
+    if files and data.kind in ("frames", "videos"):
         from tam_jax.data.layouts import has_split_folders
 
         if not data.root:
@@ -202,7 +203,7 @@ def validate(config: ml_collections.ConfigDict, training: bool = True) -> None:
             fail("data.split_dir", f"is empty and data.root={data.root!r} has no train/ val/ test/ "
                  "folders; set --config.data.split_dir=DIR, the folder of the split lists (one per split, "
                  f"named with train / val / test), or lay the data out as {data.root}/train/<class>/<video>.")
-    if data.kind == "tfds" and not data.tfds_name:
+    if files and data.kind == "tfds" and not data.tfds_name:
         fail("data.tfds_name", "is empty; set e.g. --config.data.tfds_name=kinetics100_fewshot.")
     if data.image_size > data.resize:
         fail("data.image_size", f"{data.image_size} is larger than data.resize={data.resize}.")
@@ -210,9 +211,9 @@ def validate(config: ml_collections.ConfigDict, training: bool = True) -> None:
         fail("model.arch", f"{config.model.arch!r} is not one of tiny, resnet18, resnet34, resnet50.")
     if config.model.dtype not in DTYPES:
         fail("model.dtype", f"{config.model.dtype!r} is not one of {', '.join(DTYPES)}.")
-    if config.model.get("remat", "none") not in REMAT_CHOICES:
-        fail("model.remat", f"{config.model.remat!r} is not one of {', '.join(REMAT_CHOICES)}.")
-    if training and config.model.init_from and not os.path.isdir(config.model.init_from):
+    if config.model.remat not in ("auto", *REMAT_CHOICES):
+        fail("model.remat", f"{config.model.remat!r} is not one of auto, {', '.join(REMAT_CHOICES)}.")
+    if training and files and config.model.init_from and not os.path.isdir(config.model.init_from):
         fail("model.init_from", f"{config.model.init_from!r} is not a folder; create one with "
              "`python -m tam_jax.tools.import_weights --src FILE --arch ARCH --out DIR`.")
     method = config.fewshot.scorer
@@ -256,18 +257,15 @@ def validate(config: ml_collections.ConfigDict, training: bool = True) -> None:
         if config.fewshot[key] < 1:
             fail(f"fewshot.{key}", f"must be >= 1, got {config.fewshot[key]}.")
     for key in ("train.log_every_steps", "train.num_steps", "train.episodes_per_step",
-                "train.episodes_per_device_step", "train.embed_chunks",
                 "eval.num_episodes", "eval.episodes_per_batch", "eval.embed_batch_size"):
         section, name = key.split(".")
         if config[section][name] < 1:
             fail(key, f"must be >= 1, got {config[section][name]}.")
-    if train.episodes_per_step % train.episodes_per_device_step:
-        fail("train.episodes_per_step", f"{train.episodes_per_step} is not a multiple of "
-             f"train.episodes_per_device_step={train.episodes_per_device_step} (nor, then, of it times the "
-             "device count); change one of them.")
-    videos = config.fewshot.way * (config.fewshot.shot + config.fewshot.queries)
-    if videos % train.embed_chunks:
-        fail("train.embed_chunks", f"{train.embed_chunks} does not divide the {videos} videos of a training "
-             f"episode (way * (shot + queries)); choose a divisor, e.g. {_divisors(videos)}.")
+    # The plan's keys (tam_jax.plan, which checks how they divide): 0 = automatic.
+    for key in ("train.episodes_per_device_step", "train.embed_chunks", "mesh.num_devices",
+                "train.memory_limit_gib"):
+        section, name = key.split(".")
+        if config[section][name] < 0:
+            fail(key, f"must be >= 0 (0: automatic), got {config[section][name]}.")
     if config.eval.checkpoint not in ("best", "latest"):
         fail("eval.checkpoint", f"{config.eval.checkpoint!r} is not 'best' or 'latest'.")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ml_collections
 
-from tam_jax import frame_chunks
 from tam_jax.configuration import default_config, parse_config_arg
 
 # dataset -> (TFDS name, horizontal flips, the public split lists it is usually trained with)
@@ -31,8 +30,8 @@ def paper_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigD
     Training episodes keep `fewshot.queries` = 5 per class (the paper does not give its training count).
     `--config.data.square_resize=False` resizes the short side to 256 and keeps the aspect ratio instead.
 
-    Memory: 4 episodes per step accumulated one episode per device at a time, bfloat16 activations;
-    1-shot: remat "block"; 5-shot (400 frames an episode): chunks of 5 videos, each recomputed alone.
+    How a step runs (devices, micro-batches, chunks, remat) is not set here: `tam_jax.plan` chooses the
+    fastest that fits at start (`--mode=plan` shows it).
     """
     args = parse_config_arg(arg, shot=1)
     tfds_name, flip, _ = DATASETS[dataset]
@@ -46,15 +45,7 @@ def paper_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigD
     c.fewshot.shot = args["shot"]
     c.eval.queries = 1  # n queries per test episode, one per class
     c.eval.num_episodes = 10_000
-    # Memory (benchmarks/README.md, "Memory"): one episode per device at a time, 4 per step by accumulation,
-    # bfloat16 activations. 1-shot: blocks recomputed in the backward pass (9.7 GiB per device by XLA:CPU's
-    # analysis). 5-shot: blocks alone leave 15.9 GiB, so the episode's 50 videos are embedded in 10 chunks
-    # of 5, each recomputed alone (6.4 GiB), for the same compute (one more forward pass either way). Both
-    # fit the paper's 12 GB cards.
-    c.train.episodes_per_device_step = 1
+    # Not the paper's (float32): bfloat16 activations, float32 parameters and loss; the memory plan
+    # (episodes per device at once, chunks, remat) is chosen at start for the GPU the run lands on.
     c.model.dtype = "bfloat16"
-    c.model.remat = "block"
-    if c.fewshot.shot > 1:
-        c.model.remat = "none"
-        c.train.embed_chunks = frame_chunks.chunks_for(c, 5)
     return c

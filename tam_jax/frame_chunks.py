@@ -62,9 +62,11 @@ def _zero_cotangent(x: jax.Array):
     return np.zeros(x.shape, dtype=jax.dtypes.float0)
 
 
-def embed_in_chunks(apply_fn: ApplyFn, params, batch_stats, videos: jax.Array, num_chunks: int):
+def embed_in_chunks(apply_fn: ApplyFn, params, batch_stats, videos: jax.Array, num_chunks: int, *,
+                    unroll: bool = False):
     """`apply_fn` over `videos` uint8 `[E, V, T, H, W, 3]` in `num_chunks` chunks of V / num_chunks videos
-    per episode (`to_chunks`), recomputing each chunk in the backward pass.
+    per episode (`to_chunks`), recomputing each chunk in the backward pass. Both passes loop over the
+    chunks (`lax.scan`); `unroll` writes the loops out (for XLA:CPU, `tam_jax.train_step`).
 
     Returns:
       (features `[E, V, T, D]`, batch_stats with the running averages of the chunks' mean statistics).
@@ -74,7 +76,8 @@ def embed_in_chunks(apply_fn: ApplyFn, params, batch_stats, videos: jax.Array, n
     episodes = videos.shape[0]
 
     def forward_all(params, batch_stats, chunks):
-        features, stats = jax.lax.map(lambda chunk: apply_fn(params, batch_stats, chunk), chunks)
+        _, (features, stats) = jax.lax.scan(lambda _, chunk: (None, apply_fn(params, batch_stats, chunk)),
+                                            None, chunks, unroll=unroll)
         return features, jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
 
     @jax.custom_vjp
@@ -93,10 +96,10 @@ def embed_in_chunks(apply_fn: ApplyFn, params, batch_stats, videos: jax.Array, n
             _, vjp = jax.vjp(lambda p: apply_fn(p, batch_stats, chunk)[0], params)
             return jax.tree.map(jnp.add, gradient, vjp(cotangent)[0]), None
 
-        # A scan, not an unrolled loop: unrolled, XLA:CPU overlapped the chunks and saved under half as much
-        # (benchmarks/README.md, "Chunks of an episode").
+        # Unrolled, XLA:CPU overlapped the chunks and saved under half as much (benchmarks/README.md,
+        # "Chunks of an episode"): the plan unrolls only where memory is not what limits it.
         gradient, _ = jax.lax.scan(one_chunk, jax.tree.map(jnp.zeros_like, params),
-                                   (chunks, features_cotangent))
+                                   (chunks, features_cotangent), unroll=unroll)
         return gradient, jax.tree.map(jnp.zeros_like, batch_stats), _zero_cotangent(chunks)
 
     embed.defvjp(forward, backward)

@@ -32,7 +32,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tam_jax import fewshot
-from tam_jax.configuration import csv_values
+from tam_jax.configuration import PLAN_AUTO, csv_values
 from tam_jax.files import atomic_write, write_text
 
 # (scorer, the paper's row label), in the paper's order.
@@ -108,6 +108,7 @@ _TRAINING_SECTIONS = ("seed", "data", "model", "fewshot", "alignment", "head", "
 _FREE_KEYS = {
     "data.num_workers", "data.num_threads", "data.prefetch", "train.num_steps", "train.log_every_steps",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.val_every_steps", "train.val_episodes",
+    "train.memory_limit_gib",
 }
 # Keys added since runs were first saved, with the value a `config.json` without them was trained with.
 _OLDER_RUNS = {"fewshot.logit_scale": "none"}
@@ -148,6 +149,7 @@ def check_same_training(config: ml_collections.ConfigDict, workdir: str) -> None
     differ = sorted(
         k for k in now.keys() & saved.keys()
         if k.split(".")[0] in sections and k not in _FREE_KEYS and now[k] != saved[k]
+        and now[k] != PLAN_AUTO.get(k)  # left to the plan: the run's stored plan is reused (tam_jax.plan)
     )
     if differ:
         changes = ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in differ)

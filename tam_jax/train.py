@@ -1,53 +1,32 @@
-"""Episodic training (Eq. 8): the data-parallel train step and the loop.
+"""Episodic training (Eq. 8): the loop.
 
-The state, optimiser and schedule are in `tam_jax.train_state`; every random choice is a function of
-(config.seed, episode index), so the step alone fixes the data position and a resumed run sees exactly
-the batches an uninterrupted one would have.
-
-Parallelism: one `jax.jit` step over a 1-D `data` mesh; the episodes of a batch are sharded over devices,
-parameters replicated.
-
-Accumulation: a step's `train.episodes_per_step` episodes are processed as k micro-batches of
-`devices * train.episodes_per_device_step` episodes, one after another in a `lax.scan` inside the jitted
-step, so memory depends on the micro-batch, not on the episodes per step. The loss is the mean over all the
-step's episodes and the gradient is its gradient (the mean of the micro-batches' mean-loss gradients), so
-where the backbone's forward does not depend on the batch (frozen BatchNorm, `model.freeze_bn`) a step with
-k micro-batches makes the same update as one micro-batch of all episodes. BatchNorm in training mode
-normalises each micro-batch with that micro-batch's statistics (over all its devices: 1 device and 8 give
-the same numbers for the same micro-batch), and the running statistics take k momentum updates per step,
-one per micro-batch in order, as the paper's PyTorch training does with one forward at a time.
+The step is in `tam_jax.train_step`, how it runs in `tam_jax.plan`, the state, optimiser and schedule in
+`tam_jax.train_state`. Every random choice is a function of (config.seed, episode index), so the step alone
+fixes the data position and a resumed run (on its stored plan) sees exactly the batches an uninterrupted
+one would have.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import functools
 import logging
 import math
 import os
 import signal
 import time
 
-import chex
 import jax
-import jax.numpy as jnp
 import ml_collections
-import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
-from tam_jax import checkpoints, evaluate, fewshot, frame_chunks, heads, hosts, memory_fit, models, progress
+from tam_jax import checkpoints, evaluate, hosts, models, plan, progress
 from tam_jax.configuration import validate
 from tam_jax.data import pipeline
 from tam_jax.files import write_text
 from tam_jax.metrics_log import MetricsLog
-from tam_jax.train_state import (
-    TrainState,
-    create_train_state,
-    learning_rate_schedule,
-    make_optimizer,
-    temperature,
-)
+from tam_jax.train_state import TrainState, create_train_state, learning_rate_schedule, make_optimizer
+from tam_jax.train_step import make_train_step, shard_batch
 from tam_jax.workdir_lock import hold_workdir
 
 _log = logging.getLogger(__name__)
@@ -73,171 +52,6 @@ class TrainingInterrupted(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The train step.
-
-
-def embed_episode(params, batch_stats, batch: dict, *, model: models.FrameEmbedder, chunks: int = 1):
-    """Frame features of every video of a batch (in the train step, a micro-batch) of episodes, in training
-    mode; BatchNorm normalises with, and updates its running statistics from, this batch alone (with
-    `chunks` > 1, each of `chunks` chunks of its videos, recomputed alone in the backward pass:
-    `tam_jax.frame_chunks`, config.train.embed_chunks).
-
-    Args:
-      batch: {"support": uint8 `[E, way*shot, T, H, W, 3]`, "query": uint8 `[E, Nq, T, H, W, 3]`, ...}.
-
-    Returns:
-      (float32 `[E, way*shot + Nq, T, D]`, support videos first; the new BatchNorm statistics).
-    """
-    videos = jnp.concatenate([batch["support"], batch["query"]], axis=1)
-
-    def apply(params, batch_stats, clips):
-        features, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats}, clips, train=True, mutable=["batch_stats"]
-        )
-        return features, updates["batch_stats"]
-
-    if chunks > 1:
-        return frame_chunks.embed_in_chunks(apply, params["embedder"], batch_stats, videos, chunks)
-    # Every frame of every video of the batch goes through the backbone in one call, so BatchNorm sees
-    # the whole (micro-)batch, across devices.
-    features, batch_stats = apply(params["embedder"], batch_stats, videos.reshape((-1,) + videos.shape[2:]))
-    return features.reshape(*videos.shape[:2], *features.shape[1:]), batch_stats
-
-
-def episode_logits(params, features: jax.Array, num_support: int, config: ml_collections.ConfigDict):
-    """Eq. 8's logits of every query: features `[E, way*shot + Nq, T, D]` (support first) ->
-    `[E, Nq, way]`, scored with `config.fewshot.scorer` (and its learned head, if any)."""
-    head, head_query, head_support = heads.build_head(config), None, None
-    if head is not None:  # TRN++ / CMN++: one embedding per video, [E, N, F] (tam_jax.heads)
-        vectors = heads.video_embeddings(head, params["head"], features)
-        head_query, head_support = vectors[:, num_support:], vectors[:, :num_support]
-    distances = jax.vmap(
-        functools.partial(
-            fewshot.class_distances,
-            way=config.fewshot.way,
-            shot=config.fewshot.shot,
-            method=config.fewshot.scorer,
-            lam=config.alignment.lam,
-            bidirectional=config.alignment.bidirectional,
-        )
-    )(features[:, num_support:], features[:, :num_support], head_query, head_support)
-    return fewshot.logits_from_distances(distances, temperature(params, config))
-
-
-def episode_loss(params, batch_stats, batch: dict, *, model: models.FrameEmbedder,
-                 config: ml_collections.ConfigDict):
-    """Mean Eq. 8 loss over a batch of episodes (`embed_episode`'s batch plus "query_labels" int `[E, Nq]`).
-
-    Returns:
-      (loss, (new batch_stats, {"loss", "accuracy"})); features, logits and loss are float32 whatever
-      `model.dtype` computes the backbone in.
-    """
-    features, batch_stats = embed_episode(
-        params, batch_stats, batch, model=model, chunks=config.train.get("embed_chunks", 1)
-    )
-    logits = episode_logits(params, features, batch["support"].shape[1], config)
-    labels = batch["query_labels"]
-    loss = fewshot.cross_entropy(logits, labels)
-    chex.assert_type([features, logits, loss], jnp.float32)
-    return loss, (batch_stats, {"loss": loss, "accuracy": fewshot.accuracy(logits, labels)})
-
-
-def num_micro_batches(episodes_per_step: int, num_devices: int, episodes_per_device_step: int) -> int:
-    """k, the micro-batches of a step: `episodes_per_step / (num_devices * episodes_per_device_step)`.
-
-    Raises ValueError naming the config keys when it does not divide.
-    """
-    micro = num_devices * episodes_per_device_step
-    if episodes_per_device_step < 1 or episodes_per_step % micro:
-        raise ValueError(
-            f"config.train.episodes_per_step={episodes_per_step} must be a multiple of {micro}: the "
-            f"{num_devices} devices times config.train.episodes_per_device_step="
-            f"{episodes_per_device_step} (the episodes each device embeds at once). Change "
-            "train.episodes_per_step, train.episodes_per_device_step or mesh.num_devices."
-        )
-    return episodes_per_step // micro
-
-
-def split_micro_batches(batch: dict, k: int) -> dict:
-    """Every `[E, ...]` array of `batch` -> `[k, E / k, ...]`; micro-batch i holds episodes i, i+k, i+2k, ...
-
-    The stride keeps each device's share of every micro-batch on that device: the episodes are sharded
-    over devices in contiguous blocks, and a block of E / devices episodes is E / (k * devices) whole rows
-    of the `[E / k, k]` view. It also makes the micro-batches a function of E and k alone, not of the
-    number of devices.
-    """
-    episodes = jax.tree.leaves(batch)[0].shape[0]
-    chex.assert_tree_shape_prefix(batch, (episodes,))
-    if episodes % k:
-        raise ValueError(f"{episodes} episodes do not split into {k} micro-batches.")
-    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape((episodes // k, k) + x.shape[1:]), 0, 1), batch)
-
-
-def accumulated_gradients(loss_fn, params, batch_stats, micro_batches: dict):
-    """Mean gradient of `loss_fn` over the micro-batches, taken one micro-batch at a time (`lax.scan`).
-
-    Args:
-      loss_fn: `(params, batch_stats, micro_batch) -> (mean loss, (new batch_stats, metrics))`.
-      micro_batches: `split_micro_batches`' output, every leaf `[k, episodes per micro-batch, ...]`.
-
-    Returns:
-      (gradients: the mean over micro-batches, float32 like the parameters; batch_stats after the k
-      micro-batches in order; metrics: each the mean over micro-batches).
-    """
-    k = jax.tree.leaves(micro_batches)[0].shape[0]
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def one(carry, micro_batch):
-        grad_sum, stats = carry
-        (_, (stats, metrics)), grads = grad_fn(params, stats, micro_batch)
-        return (jax.tree.map(jnp.add, grad_sum, grads), stats), metrics
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (grad_sum, batch_stats), metrics = jax.lax.scan(one, (zeros, batch_stats), micro_batches)
-    # Equal micro-batches of mean losses: the mean of their gradients is the gradient of the step's mean loss.
-    grads = jax.tree.map(lambda g: g / k, grad_sum)
-    return grads, batch_stats, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
-
-
-def make_train_step(config, model, optimizer, mesh: Mesh):
-    """A jitted `(state, batch) -> (state, metrics)`, batch sharded over "data", state replicated.
-
-    The batch's `train.episodes_per_step` episodes go through the backbone in micro-batches of
-    `mesh.size * train.episodes_per_device_step` (module docstring: loss, gradients, BatchNorm).
-    """
-    k = num_micro_batches(config.train.episodes_per_step, mesh.size, config.train.episodes_per_device_step)
-    # Each micro-batch stays sharded over "data": its episodes are embedded on the devices that hold them.
-    micro_sharded = NamedSharding(mesh, P(None, "data"))
-
-    def train_step(state: TrainState, batch: dict):
-        loss_fn = functools.partial(episode_loss, model=model, config=config)
-        if k == 1:  # no loop: XLA:CPU runs convolutions inside a scan about ten times slower
-            (_, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                state.params, state.batch_stats, batch)
-        else:
-            micro_batches = jax.lax.with_sharding_constraint(split_micro_batches(batch, k), micro_sharded)
-            grads, batch_stats, metrics = accumulated_gradients(
-                loss_fn, state.params, state.batch_stats, micro_batches
-            )
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
-
-    replicated = NamedSharding(mesh, P())
-    sharded = NamedSharding(mesh, P("data"))
-    return jax.jit(
-        train_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
-        donate_argnums=(0,),
-    )
-
-
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """Host arrays (this process's episodes) -> global arrays sharded over "data" on the first axis."""
-    sharding = NamedSharding(mesh, P("data"))
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-
-# ----------------------------------------------------------------------------------------------------
 # The loop.
 
 
@@ -260,6 +74,30 @@ class _StopSignal:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class _CompletedSteps:
+    """Counts a step on the progress bar once its outputs are computed, not when it is dispatched, and
+    keeps dispatch at most `ahead` steps ahead of completion, so the bar's rate and ETA are true ones.
+
+    With `ahead=1` the next step is queued while one computes: the device never waits on the host."""
+
+    def __init__(self, bar, ahead: int = 1):
+        self._bar, self._ahead, self._queue = bar, ahead, collections.deque()
+
+    def dispatched(self, outputs) -> None:
+        """A step was dispatched with these outputs; blocks until only `ahead` steps are unfinished."""
+        self._queue.append(outputs)
+        while len(self._queue) > self._ahead:
+            self._complete_oldest()
+
+    def wait_all(self) -> None:
+        while self._queue:
+            self._complete_oldest()
+
+    def _complete_oldest(self) -> None:
+        jax.block_until_ready(self._queue.popleft())
+        self._bar.update(1)
 
 
 class _TrainMetrics:
@@ -304,7 +142,7 @@ class _TrainMetrics:
 
 
 def _start(config, workdir: str, mesh: Mesh, model, optimizer, log: MetricsLog):
-    """The initial (or resumed) state and its checkpoint manager; writes `config.json`."""
+    """The initial (or resumed) state and its checkpoint manager; writes `config.json` (the planned one)."""
     state = create_train_state(config, model, optimizer, mesh)
     manager = checkpoints.CheckpointManager(
         os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
@@ -324,7 +162,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Train (resuming from the latest checkpoint in `workdir`), validating and checkpointing on the way.
 
     Writes `workdir/checkpoints/` (Orbax), `workdir/tensorboard/`, `workdir/train_log.jsonl` (one JSON
-    record per logged step) and `workdir/config.json`. Returns the final state. Holds the workdir's lock
+    record per logged step), `workdir/config.json` (with the plan's values) and `workdir/plan.json`
+    (`tam_jax.plan`, which a resumed run reuses). Returns the final state. Holds the workdir's lock
     (`tam_jax.workdir_lock`) while it runs. Raises TrainingInterrupted after saving when a stop signal
     arrives.
     """
@@ -339,13 +178,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     from tam_jax.data.report import SkipReport
 
     os.makedirs(workdir, exist_ok=True)
-    mesh = hosts.make_mesh(config.mesh.num_devices)
-    if config.train.episodes_per_step % mesh.size:
-        raise ValueError(
-            f"config.train.episodes_per_step={config.train.episodes_per_step} must be a multiple of the "
-            f"{mesh.size} devices it is sharded over; change it or config.mesh.num_devices."
-        )
-    memory_fit.check_step_fits(config, mesh)  # micro-batches divide; the step fits where memory is reported
+    run_plan, mesh, compiled_step = plan.make_plan(config, workdir=workdir)
+    progress.write(run_plan.line())
+    config = run_plan.apply(config)
     report = SkipReport()
     train_split = pipeline.prepare_split(config, "train", report)
     model = models.build_embedder(config.model)
@@ -355,15 +190,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     optimizer = make_optimizer(config)
     log = MetricsLog(workdir)
     state, manager, start_step = _start(config, workdir, mesh, model, optimizer, log)
+    plan.store_plan(workdir, run_plan)
     batches = pipeline.train_batches(config, train_split, report, start=start_step)
-    train_step = make_train_step(config, model, optimizer, mesh)
+    # The plan's compiled step where it compiled one (a memory limit is known): no second compile.
+    train_step = compiled_step or make_train_step(config, model, optimizer, mesh,
+                                                  unroll=run_plan.unroll_loops)
     bar = progress.bar(config.train.num_steps, "training", "step", initial=start_step)
+    completed = _CompletedSteps(bar)
     metrics_out = _TrainMetrics(config, log, bar, manager.directory, start_step)
     try:
         stopping = None  # stays None when the run is already finished (a rerun of a done command)
         with _StopSignal() as stop:
             for step in range(start_step, config.train.num_steps):
                 state, metrics = train_step(state, shard_batch(next(batches), mesh))
+                completed.dispatched(metrics)
                 metrics_out.flush()  # the previous logging step's metrics, now that this step runs
                 done = step + 1
                 finished = done == config.train.num_steps
@@ -390,10 +230,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 if saving_now:
                     log.flush()
                     manager.save(done, state, val_accuracy=val_accuracy, force=bool(stopping))
-                bar.update(1)
                 if stopping:
+                    completed.wait_all()
                     progress.write(f"{stopping} received: saved step {done} and stopped.")
                     break
+            completed.wait_all()
             metrics_out.flush()
             if stopping:  # `finally` below waits for the save to complete before this propagates
                 raise TrainingInterrupted(stopping if stopping in signal.Signals.__members__ else "SIGTERM",

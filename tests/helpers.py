@@ -28,7 +28,10 @@ def tiny_config(num_steps=6):
     config.fewshot.queries = 2
     config.train.num_steps = num_steps
     config.train.episodes_per_step = 8
-    config.train.episodes_per_device_step = 1  # a micro-batch per device step: works on 1 and on 8 devices
+    # A set plan: a micro-batch per device step works on 1 and on 8 devices
+    config.train.episodes_per_device_step = 1
+    config.train.embed_chunks = 1
+    config.model.remat = "none"
     config.train.log_every_steps = 1
     config.train.checkpoint_every_steps = 2
     config.train.val_every_steps = 3

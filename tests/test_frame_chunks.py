@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tam_jax import fewshot, frame_chunks, hosts, memory_fit, models, train, train_state
-from tam_jax.configuration import validate
+from tam_jax import fewshot, frame_chunks, hosts, models, plan, train_state, train_step
 from tests.helpers import tiny_config
 from tests.test_train import (
     _assert_trees_close,
@@ -56,7 +55,7 @@ def test_chunked_gradients_and_statistics_are_those_of_each_chunk_embedded_alone
         return features, updates["batch_stats"]
 
     def loss(features, labels):
-        logits = train.episode_logits({}, features, num_support, config)
+        logits = train_step.episode_logits({}, features, num_support, config)
         return fewshot.cross_entropy(logits, labels) + jnp.mean(features**2)
 
     def reference(params, stats, videos):
@@ -115,17 +114,7 @@ def test_chunks_shrink_the_compiled_steps_temporaries():
     config.train.episodes_per_step = config.train.episodes_per_device_step = 1
     config.model.remat = "none"  # the chunks' saving alone (plain autodiff through a map saves ~20%)
     mesh = hosts.make_mesh(1)
-    whole = memory_fit.step_memory(config, mesh)
+    whole = plan.compile_step(config, mesh)[1]
     config.train.embed_chunks = 5
-    chunked = memory_fit.step_memory(config, mesh)
+    chunked = plan.compile_step(config, mesh)[1]
     assert chunked.temp < 0.6 * whole.temp
-
-
-def test_embed_chunks_must_divide_an_episodes_videos():
-    config = tiny_config()  # 5-way, 1 shot + 2 queries: 15 videos
-    config.train.embed_chunks = 4
-    with pytest.raises(ValueError, match=r"train\.embed_chunks.*15 videos.*3, 5, 15"):
-        validate(config)
-    config.train.embed_chunks = 5
-    validate(config)
-

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tam_jax import evaluate, fewshot, heads, hosts, models, train, train_state
+from tam_jax import evaluate, fewshot, heads, hosts, models, train_state, train_step
 from tam_jax.configuration import validate
 from tests.helpers import tiny_config
 from tests.test_train import synthetic_batch
@@ -91,11 +91,11 @@ def test_head_trains_a_few_real_steps(method):
     optimizer = train_state.make_optimizer(config)
     state = train_state.create_train_state(config, model, optimizer, mesh)
     initial = jax.device_get(state.params["head"])
-    step = train.make_train_step(config, model, optimizer, mesh)
+    step = train_step.make_train_step(config, model, optimizer, mesh)
     batch = synthetic_batch(config, episodes=2)
     losses = []
     for _ in range(3):
-        state, metrics = step(state, train.shard_batch(batch, mesh))
+        state, metrics = step(state, train_step.shard_batch(batch, mesh))
         losses.append(float(metrics["loss"]))
     assert int(state.step) == 3 and np.isfinite(losses).all()
     trained = jax.device_get(state.params["head"])

@@ -3,7 +3,7 @@ scorer, the baselines get below the flat-softmax floor, and the optimiser follow
 and momentum.
 
 The reference loss and accuracy here are computed in NumPy from the class distances, independently of
-`train.episode_loss`'s logits, loss and metrics: a wrong sign or scale there cannot fool them.
+`train_step.episode_loss`'s logits, loss and metrics: a wrong sign or scale there cannot fool them.
 """
 
 import functools
@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from tam_jax import alignment, fewshot, heads, hosts, models, train, train_state
+from tam_jax import alignment, fewshot, heads, hosts, models, train_state, train_step
 from tests.helpers import tiny_config
 
 WAY = 5
@@ -101,8 +101,8 @@ def train_on_fixed_batch(config, batch):
     optimizer = train_state.make_optimizer(config)
     state = train_state.create_train_state(config, model, optimizer, mesh)
     initial = jax.device_get(state)
-    step = train.make_train_step(config, model, optimizer, mesh)
-    sharded = train.shard_batch(batch, mesh)
+    step = train_step.make_train_step(config, model, optimizer, mesh)
+    sharded = train_step.shard_batch(batch, mesh)
     history = []
     for _ in range(config.train.num_steps):
         state, metrics = step(state, sharded)
@@ -129,7 +129,7 @@ def test_episode_loss_is_eq8_by_hand_with_temperature_and_logit_scale(method, te
     model = models.build_embedder(config.model)
     mesh = hosts.make_mesh(config.mesh.num_devices)
     state = train_state.create_train_state(config, model, train_state.make_optimizer(config), mesh)
-    loss_fn = jax.jit(functools.partial(train.episode_loss, model=model, config=config))
+    loss_fn = jax.jit(functools.partial(train_step.episode_loss, model=model, config=config))
     loss, (_, metrics) = loss_fn(state.params, state.batch_stats, batch)
     distances, features = distance_fn(config, model)(state.params, state.batch_stats, batch)
     if method == "tsn":  # TSN++ by hand: 1 - cos(mean-pooled query, the class's mean-pooled support)

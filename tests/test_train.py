@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tam_jax import evaluate, hosts, models, train, train_state
+from tam_jax import evaluate, hosts, models, train, train_state, train_step
 from tam_jax.configuration import validate
 from tests.helpers import REPO, flags_for, load_config, read_params, tiny_config
 
@@ -94,8 +94,8 @@ def one_step(config, batch, with_state=False):
     model = models.build_embedder(config.model)
     optimizer = train_state.make_optimizer(config)
     state = train_state.create_train_state(config, model, optimizer, mesh)
-    step = train.make_train_step(config, model, optimizer, mesh)
-    state, metrics = step(state, train.shard_batch(batch, mesh))
+    step = train_step.make_train_step(config, model, optimizer, mesh)
+    state, metrics = step(state, train_step.shard_batch(batch, mesh))
     if with_state:
         return jax.device_get(state), jax.device_get(metrics)
     return jax.device_get(state.params), jax.device_get(metrics)
@@ -174,31 +174,20 @@ def test_batchnorm_sees_each_micro_batch_in_turn_whatever_the_device_count():
     model = models.build_embedder(config.model)
     initial = train_state.create_train_state(config, model, train_state.make_optimizer(config), mesh)
     stats = initial.batch_stats
+    embed = jax.jit(lambda s, b: train_step.embed_episode(initial.params, s, b, model=model))
     for i in range(2):
-        micro = {k: v[i::2] for k, v in batch.items()}
-        _, stats = jax.jit(lambda s, b: train.embed_episode(initial.params, s, b, model=model))(stats, micro)
+        _, stats = embed(stats, {k: v[i::2] for k, v in batch.items()})
     _assert_trees_close(jax.device_get(stats), state_1.batch_stats)
     # ... and not those of one forward pass over all 8 episodes.
-    _, whole = jax.jit(lambda s, b: train.embed_episode(initial.params, s, b, model=model))(
-        initial.batch_stats, batch)
+    _, whole = embed(initial.batch_stats, batch)
     assert not np.allclose(jax.tree.leaves(jax.device_get(whole))[0], jax.tree.leaves(state_1.batch_stats)[0])
 
 
 def test_micro_batches_take_strided_episodes():
     batch = {"x": np.arange(12).reshape(6, 2), "y": np.arange(6)}
-    micro = train.split_micro_batches(batch, 3)
+    micro = train_step.split_micro_batches(batch, 3)
     np.testing.assert_array_equal(micro["y"], [[0, 3], [1, 4], [2, 5]])
     np.testing.assert_array_equal(micro["x"][1], batch["x"][[1, 4]])
-
-
-def test_micro_batches_must_divide_the_episodes_naming_the_keys():
-    assert train.num_micro_batches(8, 2, 2) == 2
-    with pytest.raises(ValueError, match=r"episodes_per_step=6.*episodes_per_device_step=2"):
-        train.num_micro_batches(6, 2, 2)
-    config = tiny_config()
-    config.train.episodes_per_device_step = 3
-    with pytest.raises(ValueError, match=r"config\.train\.episodes_per_step.*episodes_per_device_step=3"):
-        validate(config)
 
 
 def test_bfloat16_step_keeps_parameters_statistics_and_loss_in_float32():
@@ -218,19 +207,12 @@ def test_bfloat16_step_keeps_parameters_statistics_and_loss_in_float32():
     assert convs and all(e.invars[0].aval.dtype == jnp.bfloat16 for e in convs)
 
 
-def test_episodes_per_step_must_divide_over_devices(tmp_path):
-    config = tiny_config()
-    config.train.episodes_per_step = 3
-    with pytest.raises(ValueError, match="episodes_per_step"):
-        train.train(config, str(tmp_path))
-
-
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     config = tiny_config(num_steps=6)
     config.mesh.num_devices = 1
     config.train.episodes_per_step = 1
     config.train.val_every_steps = 0
-    original = train.fewshot.cross_entropy
+    original = train_step.fewshot.cross_entropy
     calls = []
 
     def poisoned(logits, labels):
@@ -239,7 +221,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         return original(logits, labels) * np.nan
 
     train.train(config.copy_and_resolve_references(), str(tmp_path / "good"))
-    monkeypatch.setattr(train.fewshot, "cross_entropy", poisoned)
+    monkeypatch.setattr(train_step.fewshot, "cross_entropy", poisoned)
     config.train.num_steps = 8
     with pytest.raises(train.StopTraining, match="Non-finite"):
         train.train(config, str(tmp_path / "good"))

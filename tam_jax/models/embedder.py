@@ -75,7 +75,10 @@ def embedder_variables_from_backbone(variables: dict) -> dict:
 def build_embedder(model_config) -> FrameEmbedder:
     """The embedder `config.model` describes (arch, dtype, freeze_bn, remat).
 
-    A config written before `model.remat` existed (a workdir's config.json) gets "none".
+    remat "auto" (left to a training run's plan, `tam_jax.plan`) builds with none: only a train step
+    differentiates, and it is built from the planned config. A config written before `model.remat` existed
+    (a workdir's config.json) gets "none" too.
     """
+    remat = model_config.get("remat", "none")
     return FrameEmbedder(arch=model_config.arch, dtype=jnp.dtype(model_config.dtype),
-                         freeze_bn=model_config.freeze_bn, remat=model_config.get("remat", "none"))
+                         freeze_bn=model_config.freeze_bn, remat="none" if remat == "auto" else remat)
