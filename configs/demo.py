@@ -12,12 +12,11 @@ import dataclasses
 
 import ml_collections
 
-from tam_jax.configuration import default_config, parse_config_arg
+from tam_jax.configuration import apply_config_arg, default_config
 from tam_jax.data.demo import DemoConfig
 
 
 def get_config(arg=None):
-    args = parse_config_arg(arg, shot=1)
     c = default_config()
     c.data.kind = "demo"
     c.data.demo = ml_collections.ConfigDict(dataclasses.asdict(DemoConfig()))  # every field overridable
@@ -25,7 +24,6 @@ def get_config(arg=None):
     c.data.image_size = 32
     c.data.num_threads = 2
     c.model.arch = "tiny"
-    c.fewshot.shot = args["shot"]
     c.fewshot.queries = 3
     c.fewshot.temperature = 1.0  # the paper's; 0.1 learned slower here (benchmarks/README.md, "The demo")
     c.train.num_steps = 300
@@ -39,4 +37,4 @@ def get_config(arg=None):
     c.train.val_episodes = 200
     c.eval.num_episodes = 10_000  # the paper's protocol; about ten seconds on cached embeddings
     c.eval.embed_batch_size = 64
-    return c
+    return apply_config_arg(c, arg)  # shot=N, way=N

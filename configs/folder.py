@@ -33,13 +33,11 @@ from scratch. To evaluate a backbone trained elsewhere without training: `--mode
 --workdir and `--config.model.init_from=DIR`.
 """
 
-from tam_jax.configuration import default_config, parse_config_arg
+from tam_jax.configuration import apply_config_arg, default_config
 
 
 def get_config(arg=None):
-    args = parse_config_arg(arg, shot=1)
     c = default_config()
     c.data.kind = "frames"
     c.model.init_from = "weights/resnet50"
-    c.fewshot.shot = args["shot"]
-    return c
+    return apply_config_arg(c, arg)  # shot=N, way=N

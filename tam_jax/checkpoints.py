@@ -39,8 +39,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from orbax.checkpoint import checkpoint_managers
 
+from tam_jax.errors import UserError
+
 _METRIC = "val_accuracy"
-CHOICES = ("best", "latest")
+CHOICES = ("best", "latest")  # or a step number (`is_step_choice`)
 DAMAGED_DIR = "damaged_checkpoints"
 _log = logging.getLogger(__name__)
 
@@ -55,19 +57,28 @@ class _WithoutMetricsNotice(logging.Filter):
 logging.getLogger("absl").addFilter(_WithoutMetricsNotice())
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint or support cache that does not fit the model it is used with; says what differs.
 
     Not damage: `CheckpointManager.restore_good` raises it at once instead of trying an earlier step.
     """
 
 
-class CheckpointDamagedError(RuntimeError):
+class CheckpointMissingError(UserError, LookupError):
+    """The checkpoint asked for (a step number) was never saved; the message lists the saved steps."""
+
+
+class CheckpointDamagedError(UserError, RuntimeError):
     """No checkpoint in a folder can be restored; the message lists each step and why, and what to do."""
 
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (full disk, unwritable folder); the last complete one is intact."""
+
+
+def is_step_choice(which: str) -> bool:
+    """Whether a checkpoint choice (`config.eval.checkpoint`) is a step number, e.g. "10"."""
+    return str(which).isdigit()
 
 
 def fingerprint(state: Any) -> str:
@@ -161,17 +172,29 @@ class CheckpointManager:
         return restored["state"]
 
     def step_to_restore(self, which: str = "best") -> int | None:
-        """The step `which` names: "latest", or "best" by validation accuracy (the latest when no step has
-        one); None when there is no checkpoint."""
+        """The step `which` names: "latest", "best" by validation accuracy (the latest when no step has
+        one), or a step number (`is_step_choice`); None when there is no checkpoint. A step number that was
+        not saved raises CheckpointMissingError listing the saved ones."""
+        if is_step_choice(which):
+            saved = self.all_steps()
+            if int(which) not in saved:
+                raise CheckpointMissingError(
+                    f"config.eval.checkpoint={which}: {self.directory} holds no checkpoint of step {which}; "
+                    f"saved steps: {', '.join(map(str, saved)) or 'none'}. Give one of them, best or latest."
+                )
+            return int(which)
         if which not in CHOICES:
-            raise ValueError(f"Checkpoint choice {which!r} is not one of {', '.join(CHOICES)}.")
+            raise ValueError(f"Checkpoint choice {which!r} is not one of {', '.join(CHOICES)} or a step.")
         best = self.best_step() if which == "best" else None
         return self.latest_step() if best is None else best
 
     def fallback_order(self, which: str = "best") -> list[int]:
-        """Every step, the one `which` names first, then the others from the newest."""
+        """Every step, the one `which` names first, then the others from the newest; only that step when
+        `which` is a step number (a step asked for is never replaced by another)."""
         first = self.step_to_restore(which)
-        return [] if first is None else list(dict.fromkeys([first, *self.all_steps()[::-1]]))
+        if first is None or is_step_choice(which):
+            return [] if first is None else [first]
+        return list(dict.fromkeys([first, *self.all_steps()[::-1]]))
 
     def restore_saved(self, step: int, mesh: Mesh) -> dict:
         """Whatever the state at `step` holds, as a nested dict of arrays replicated over `mesh`: no target

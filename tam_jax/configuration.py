@@ -7,12 +7,16 @@ command line as `--config.a.b=value`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 
-from tam_jax import fewshot
+from tam_jax import checkpoints, fewshot
+from tam_jax.errors import ConfigError
 from tam_jax.models.resnet import REMAT_CHOICES
 
 DTYPES = ("float32", "bfloat16")
@@ -111,7 +115,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.split = "test"
-    c.eval.checkpoint = "best"  # "best" (by validation accuracy) | "latest"
+    c.eval.checkpoint = "best"  # "best" (by validation accuracy) | "latest" | a saved step, e.g. "3000"
     c.eval.num_episodes = 10_000
     c.eval.queries = 0  # queries per class in test and validation episodes (0: fewshot.queries; paper: 1)
     c.eval.episodes_per_batch = 250
@@ -147,22 +151,42 @@ def upgrade_config(config: ml_collections.ConfigDict, *, warn: bool = True) -> m
     return config
 
 
-def parse_config_arg(arg: str | None, **allowed) -> dict:
-    """`"shot=5,way=5"` -> {"shot": 5, "way": 5}, each converted to the type of its default in `allowed`.
+# What a config string (`configs/x.py:shot=5,way=10`) may set, and the config key each sets.
+CONFIG_ARG_KEYS = {"shot": "fewshot.shot", "way": "fewshot.way"}
 
-    Raises ValueError naming an unknown key and listing the known ones.
-    """
-    values = dict(allowed)
+
+def apply_config_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """Set the keys of `CONFIG_ARG_KEYS` from the config string `arg` ("shot=5,way=10"); returns `config`.
+
+    Each value is typed strictly as its default (`typed_value`). Raises ConfigError naming the argument."""
     for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        key = key.strip()
-        if key not in allowed:
-            raise ValueError(
-                f"Unknown config argument {key!r} in {arg!r}; this config takes {', '.join(allowed)}."
-            )
-        default = allowed[key]
-        values[key] = type(default)(value) if default is not None else value
-    return values
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if name not in CONFIG_ARG_KEYS or not sep:
+            known = ", ".join(k + "=N" for k in CONFIG_ARG_KEYS)
+            raise ConfigError(f"config string {arg!r}: {item!r} is not one of {known}, e.g. "
+                              "configs/demo.py:shot=5,way=10.")
+        key = CONFIG_ARG_KEYS[name]
+        section, field = key.split(".")
+        with config.unlocked():
+            where = f"config string {arg!r}: {name}"
+            config[section][field] = typed_value(value, config[section][field], where)
+    return config
+
+
+def typed_value(text: str, default, where: str):
+    """`text` converted to the type of `default`, strictly: "False" is False, "2.5" is not an int.
+
+    Raises ConfigError naming `where` and the type expected."""
+    kind = type(default)
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        return kind(text)
+    except ValueError:
+        expected = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, kind.__name__)
+        raise ConfigError(f"{where}: expected {expected}, got {text!r}.") from None
 
 
 def csv_values(text: str, convert=str) -> tuple:
@@ -176,21 +200,102 @@ def eval_queries(config: ml_collections.ConfigDict) -> int:
     return int(config.eval.get("queries", 0) or config.fewshot.queries)
 
 
-def validate(config: ml_collections.ConfigDict, training: bool = True, *, files: bool = True) -> None:
-    """Fail before any compute on a config that cannot run, naming the key and the fix.
+@dataclasses.dataclass(frozen=True)
+class Domain:
+    """The values a config key may take: `accepts(value)`, described as `text` in the error."""
 
+    accepts: Callable[[Any], bool]
+    text: str
+
+
+def at_least(low, note: str = "") -> Domain:
+    return Domain(lambda v: v >= low, f"must be >= {low}{note}")
+
+
+def above(low) -> Domain:
+    return Domain(lambda v: v > low, f"must be > {low}")
+
+
+def one_of(*choices) -> Domain:
+    return Domain(lambda v: v in choices, f"must be one of {', '.join(map(str, choices))}")
+
+
+_AUTOMATIC = " (0: automatic, the run's plan)"
+# Every key with a domain, in the config's order; `validate` checks each. Rules that relate several keys
+# follow in `validate` itself.
+KEY_DOMAINS = {
+    "data.kind": one_of("demo", "frames", "videos", "tfds"),
+    "data.num_frames": at_least(1),
+    "data.sampling": one_of("tsn", "uniform"),
+    "data.resize": at_least(1),
+    "data.image_size": at_least(1),
+    "data.num_workers": at_least(0, " (0: load in the main process)"),
+    "data.num_threads": at_least(1),
+    "data.prefetch": at_least(1),
+    "model.arch": one_of("tiny", "resnet18", "resnet34", "resnet50"),
+    "model.dtype": one_of(*DTYPES),
+    "model.remat": one_of("auto", *REMAT_CHOICES),
+    "fewshot.way": at_least(2, " (an episode tells at least two classes apart)"),
+    "fewshot.shot": at_least(1),
+    "fewshot.queries": at_least(1),
+    "fewshot.temperature": above(0),
+    "fewshot.logit_scale": one_of(*fewshot.LOGIT_SCALES),
+    "fewshot.scorer": one_of(*fewshot.ALL_SCORERS),
+    "alignment.lam": at_least(0, " (0: the hard minimum)"),
+    "head.dim": at_least(1),
+    "head.trn_tuples": at_least(1),
+    "head.cmn_saliencies": at_least(1),
+    "train.num_steps": at_least(1),
+    "train.episodes_per_step": at_least(1),
+    "train.episodes_per_device_step": at_least(0, _AUTOMATIC),
+    "train.embed_chunks": at_least(0, _AUTOMATIC),
+    "train.memory_limit_gib": at_least(0, " (0: what the device reports)"),
+    "train.optimizer": one_of(*OPTIMIZERS),
+    "train.learning_rate": above(0),
+    "train.momentum": Domain(lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "train.weight_decay": at_least(0),
+    "train.schedule": one_of(*SCHEDULES),
+    "train.decay_every_steps": at_least(1),
+    "train.decay_factor": above(0),
+    "train.grad_clip_norm": at_least(0, " (0: off)"),
+    "train.log_every_steps": at_least(1),
+    "train.checkpoint_every_steps": at_least(1),
+    "train.keep_checkpoints": at_least(1),
+    "train.val_every_steps": at_least(0, " (0: no validation)"),
+    "train.val_episodes": at_least(1),
+    "eval.checkpoint": Domain(lambda v: v in checkpoints.CHOICES or checkpoints.is_step_choice(v),
+                              "must be best, latest or a saved step number"),
+    "eval.num_episodes": at_least(1),
+    "eval.queries": at_least(0, " (0: fewshot.queries)"),
+    "eval.episodes_per_batch": at_least(1),
+    "eval.embed_batch_size": at_least(1),
+    "mesh.num_devices": at_least(0, _AUTOMATIC),
+}
+
+
+def check_domains(config: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError for the first key of `KEY_DOMAINS` whose value lies outside its domain."""
+    for key, domain in KEY_DOMAINS.items():
+        section, name = key.split(".")
+        value = config[section][name]
+        if not domain.accepts(value):
+            raise ConfigError(f"config.{key}: {domain.text}, got {value!r}; set --config.{key}=VALUE.")
+
+
+def validate(config: ml_collections.ConfigDict, training: bool = True, *, files: bool = True) -> None:
+    """Fail before any compute on a config that cannot run, naming the key and the fix (ConfigError).
+
+    Each key's own domain is in `KEY_DOMAINS`; below are the rules that relate keys or look at files.
     `training=False` (evaluating a trained run) does not need the backbone initialisation to exist;
     `files=False` (`--mode=plan`) needs neither it nor the data.
-    Long on purpose: one flat list of checks, in the order of the config's sections.
     """
     upgrade_config(config)
-    data, train = config.data, config.train
+    check_domains(config)
+    data, fs = config.data, config.fewshot
 
     def fail(key: str, message: str):
-        raise ValueError(f"config.{key}: {message}")
+        raise ConfigError(f"config.{key}: {message}")
 
-    if data.kind not in ("demo", "frames", "videos", "tfds"):
-        fail("data.kind", f"{data.kind!r} is not one of 'demo', 'frames', 'videos', 'tfds'.")
     if files and data.kind in ("frames", "videos"):
         from tam_jax.data.layouts import has_split_folders
 
@@ -207,43 +312,23 @@ def validate(config: ml_collections.ConfigDict, training: bool = True, *, files:
         fail("data.tfds_name", "is empty; set e.g. --config.data.tfds_name=kinetics100_fewshot.")
     if data.image_size > data.resize:
         fail("data.image_size", f"{data.image_size} is larger than data.resize={data.resize}.")
-    if config.model.arch not in ("tiny", "resnet18", "resnet34", "resnet50"):
-        fail("model.arch", f"{config.model.arch!r} is not one of tiny, resnet18, resnet34, resnet50.")
-    if config.model.dtype not in DTYPES:
-        fail("model.dtype", f"{config.model.dtype!r} is not one of {', '.join(DTYPES)}.")
-    if config.model.remat not in ("auto", *REMAT_CHOICES):
-        fail("model.remat", f"{config.model.remat!r} is not one of auto, {', '.join(REMAT_CHOICES)}.")
     if training and files and config.model.init_from and not os.path.isdir(config.model.init_from):
         fail("model.init_from", f"{config.model.init_from!r} is not a folder; create one with "
              "`python -m tam_jax.tools.import_weights --src FILE --arch ARCH --out DIR`.")
-    method = config.fewshot.scorer
-    if method not in fewshot.ALL_SCORERS:
-        fail("fewshot.scorer", f"{method!r} is not one of {', '.join(fewshot.ALL_SCORERS)}.")
-    if config.alignment.bidirectional and method != "tam":
+    if config.alignment.bidirectional and fs.scorer != "tam":
         fail("alignment.bidirectional", "applies to fewshot.scorer='tam' only.")
-    if config.alignment.lam < 0:
-        fail("alignment.lam", f"must be >= 0, got {config.alignment.lam}.")
     for name in csv_values(config.eval.scorers):
-        if name in fewshot.HEAD_SCORERS and name != method:
-            fail("eval.scorers", f"{name!r} needs a head trained with fewshot.scorer={name!r}, but this "
-                 f"run trains {method!r}; remove it or train with --config.fewshot.scorer={name}.")
         if name not in fewshot.ALL_SCORERS:
             fail("eval.scorers", f"{name!r} is not one of {', '.join(fewshot.ALL_SCORERS)}.")
-    for key in ("dim", "trn_tuples", "cmn_saliencies"):
-        if config.head[key] < 1:
-            fail(f"head.{key}", f"must be >= 1, got {config.head[key]}.")
-    if method == "trn" and config.data.num_frames < 2:
+        if name in fewshot.HEAD_SCORERS and name != fs.scorer:
+            fail("eval.scorers", f"{name!r} needs a head trained with fewshot.scorer={name!r}, but this "
+                 f"run trains {fs.scorer!r}; remove it or train with --config.fewshot.scorer={name}.")
+    for shot in csv_values(config.eval.shots):
+        if not shot.isdigit() or int(shot) < 1:
+            fail("eval.shots", f"{shot!r} is not a shot >= 1; give comma-separated shots, e.g. 1,5.")
+    if fs.scorer == "trn" and data.num_frames < 2:
         fail("data.num_frames", f"must be >= 2 for fewshot.scorer='trn' (TRN++ relates frame tuples), got "
-             f"{config.data.num_frames}.")
-    if train.optimizer not in OPTIMIZERS:
-        fail("train.optimizer", f"{train.optimizer!r} is not one of {', '.join(OPTIMIZERS)}.")
-    if train.schedule not in SCHEDULES:
-        fail("train.schedule", f"{train.schedule!r} is not one of {', '.join(SCHEDULES)}.")
-    fs = config.fewshot
-    if fs.temperature <= 0:
-        fail("fewshot.temperature", f"must be > 0, got {fs.temperature}.")
-    if fs.logit_scale not in fewshot.LOGIT_SCALES:
-        fail("fewshot.logit_scale", f"{fs.logit_scale!r} is not one of {', '.join(fewshot.LOGIT_SCALES)}.")
+             f"{data.num_frames}.")
     if not 0 < fs.min_temperature <= fs.max_temperature:
         fail("fewshot.min_temperature", f"the learned temperature's bounds need 0 < min_temperature <= "
              f"max_temperature, got {fs.min_temperature} and {fs.max_temperature}.")
@@ -251,21 +336,3 @@ def validate(config: ml_collections.ConfigDict, training: bool = True, *, files:
         fail("fewshot.temperature", f"{fs.temperature} is the learned temperature's start; it must lie in "
              f"[fewshot.min_temperature, fewshot.max_temperature] = [{fs.min_temperature}, "
              f"{fs.max_temperature}]: change it or the bounds.")
-    if config.eval.queries < 0:
-        fail("eval.queries", f"must be >= 0 (0: fewshot.queries), got {config.eval.queries}.")
-    for key in ("way", "shot", "queries"):
-        if config.fewshot[key] < 1:
-            fail(f"fewshot.{key}", f"must be >= 1, got {config.fewshot[key]}.")
-    for key in ("train.log_every_steps", "train.num_steps", "train.episodes_per_step",
-                "eval.num_episodes", "eval.episodes_per_batch", "eval.embed_batch_size"):
-        section, name = key.split(".")
-        if config[section][name] < 1:
-            fail(key, f"must be >= 1, got {config[section][name]}.")
-    # The plan's keys (tam_jax.plan, which checks how they divide): 0 = automatic.
-    for key in ("train.episodes_per_device_step", "train.embed_chunks", "mesh.num_devices",
-                "train.memory_limit_gib"):
-        section, name = key.split(".")
-        if config[section][name] < 0:
-            fail(key, f"must be >= 0 (0: automatic), got {config[section][name]}.")
-    if config.eval.checkpoint not in ("best", "latest"):
-        fail("eval.checkpoint", f"{config.eval.checkpoint!r} is not 'best' or 'latest'.")

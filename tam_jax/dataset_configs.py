@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from tam_jax.configuration import default_config, parse_config_arg
+from tam_jax.configuration import apply_config_arg, default_config
 
 # dataset -> (TFDS name, horizontal flips, the public split lists it is usually trained with)
 DATASETS = {
@@ -33,7 +33,6 @@ def paper_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigD
     How a step runs (devices, micro-batches, chunks, remat) is not set here: `tam_jax.plan` chooses the
     fastest that fits at start (`--mode=plan` shows it).
     """
-    args = parse_config_arg(arg, shot=1)
     tfds_name, flip, _ = DATASETS[dataset]
     c = default_config()
     c.data.kind = "frames"
@@ -42,10 +41,9 @@ def paper_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigD
     c.data.square_resize = True  # "resize each frame to 256 x 256" (Sec. 4.2), then the 224 crop
     c.model.arch = "resnet50"
     c.model.init_from = "weights/resnet50"
-    c.fewshot.shot = args["shot"]
     c.eval.queries = 1  # n queries per test episode, one per class
     c.eval.num_episodes = 10_000
     # Not the paper's (float32): bfloat16 activations, float32 parameters and loss; the memory plan
     # (episodes per device at once, chunks, remat) is chosen at start for the GPU the run lands on.
     c.model.dtype = "bfloat16"
-    return c
+    return apply_config_arg(c, arg)  # shot=N, way=N

@@ -32,6 +32,7 @@ from tam_jax.data import pipeline
 from tam_jax.data.episodes import EpisodeSampler
 from tam_jax.data.report import SkipReport
 from tam_jax.embedding import Embedder, embed_share
+from tam_jax.errors import ConfigError
 from tam_jax.files import atomic_write
 from tam_jax.workdir_lock import hold_workdir
 
@@ -216,6 +217,19 @@ def eval_scorers(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return scorers
 
 
+def eval_shots(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """The shots the final evaluation scores: `config.eval.shots`, or `config.fewshot.shot`."""
+    return csv_values(config.eval.shots, int) or (config.fewshot.shot,)
+
+
+def prepare_eval_split(
+    config: ml_collections.ConfigDict, split: str, report: SkipReport, shots: Sequence[int]
+) -> pipeline.UsableSplit:
+    """`split` checked as evaluation samples it: episodes of every shot of `shots` with `eval_queries`
+    queries per class. Raises DataError (naming the split and the fix) if they cannot be drawn."""
+    return pipeline.prepare_split(config, split, report, shots=tuple(shots), queries=eval_queries(config))
+
+
 @dataclasses.dataclass
 class Embedded:
     """A split embedded with one state: frame features `[N, T, D]`, the learned head's video embeddings
@@ -247,7 +261,7 @@ class FewShotEvaluator:
         self.show_progress = show_progress
         self.scorers, self.shots, self.num_episodes = tuple(scorers), tuple(shots), int(num_episodes)
         self.report = report
-        self.data = pipeline.prepare_split(config, split, report, shots=self.shots)
+        self.data = prepare_eval_split(config, split, report, self.shots)
 
     @functools.cached_property
     def clips(self) -> pipeline.ClipShare:
@@ -266,7 +280,7 @@ class FewShotEvaluator:
                  show_progress: bool = True) -> FewShotEvaluator:
         """The final evaluation: `eval_scorers` on `eval.split`, every shot of `eval.shots` (or
         `fewshot.shot`), `eval.num_episodes` episodes; each can be overridden."""
-        shots = tuple(shots) or csv_values(config.eval.shots, int) or (config.fewshot.shot,)
+        shots = tuple(shots) or eval_shots(config)
         return cls(config, split or config.eval.split, mesh, model, report, scorers=eval_scorers(config),
                    shots=shots, num_episodes=num_episodes or config.eval.num_episodes,
                    show_progress=show_progress)
@@ -328,7 +342,7 @@ def imported_state(config: ml_collections.ConfigDict, model, mesh, workdir: str)
             "--config.model.init_from=DIR."
         )
     if config.fewshot.scorer in fewshot.HEAD_SCORERS:
-        raise ValueError(
+        raise ConfigError(
             f"config.fewshot.scorer={config.fewshot.scorer!r} scores with a learned head that an imported "
             f"backbone lacks: train it first (--mode=train --workdir={workdir}), or evaluate with "
             "--config.fewshot.scorer=tam."

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from tam_jax.errors import FlagError
+
 MODES = ("auto", "on", "off")
 
 
@@ -49,7 +51,7 @@ def initialize(
     if mode == "off" or (mode == "auto" and not explicit and cluster_detected() is None):
         return False
     if explicit and (num_processes is None or process_id is None):
-        raise ValueError(
+        raise FlagError(
             "--coordinator_address needs --num_processes and --process_id too (or leave all three out "
             "under SLURM, Cloud TPU or Kubernetes, where JAX finds them)."
         )

@@ -36,6 +36,7 @@ from tam_jax.checkpoints import CheckpointMismatchError
 from tam_jax.data.pipeline import clip_spec
 from tam_jax.data.report import ClipError
 from tam_jax.embedding import Embedder, map_batches
+from tam_jax.errors import UserError
 from tam_jax.files import atomic_write
 from tam_jax.train_state import TrainState, embedder_variables, restore_trained
 
@@ -46,8 +47,12 @@ _CLIP_KEYS = (("image_size", "crop size (data.image_size)"), ("resize", "resize 
 _SCORE_CHUNK = 64  # queries scored per call: bounds the [chunk, Ns, T, T] frame-distance tensor
 
 
-class SupportError(ValueError):
+class SupportError(UserError, ValueError):
     """A support set that cannot be used (e.g. a class without one readable clip); names the class."""
+
+
+class SupportWarning(UserWarning):
+    """A support set that runs but may not give what is meant (e.g. one class: every query ranks it first)."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -294,6 +299,15 @@ class Predictions:
                 "errors": [e.to_json() for e in self.errors]}
 
 
+def _warn_if_one_class(class_names: Sequence[str]) -> None:
+    """A SupportWarning when the support set has one class: every query would rank it first."""
+    if len(class_names) == 1:
+        warnings.warn(
+            f"the support set has one class, {class_names[0]!r}: every query is ranked first in it. Give "
+            "two or more classes to classify among.", SupportWarning, stacklevel=3,
+        )
+
+
 def rank(distances: np.ndarray, class_names: Sequence[str]) -> tuple[tuple[str, float], ...]:
     """`[C]` distances -> ((class, distance), ...) ascending, ties in class order."""
     order = np.argsort(distances, kind="stable")
@@ -358,6 +372,7 @@ class FewShotClassifier:
             check_support_matches(support.metadata, self.model)
             self._warn_if_scorer_differs(support.metadata)
             self.support, self.support_errors = support, ()
+            _warn_if_one_class(support.class_names)
             return self
         clips = find_support_clips(support) if isinstance(support, (str, os.PathLike)) else support
         clips = {str(name): [str(p) for p in paths] for name, paths in clips.items()}
@@ -382,6 +397,7 @@ class FewShotClassifier:
         kept_paths = tuple(paths[i] for i in kept)
         self.support = SupportSet(tuple(clips), features, labels[kept], kept_paths, metadata)
         self.support_errors = tuple(errors)
+        _warn_if_one_class(self.support.class_names)
         return self
 
     def _warn_if_scorer_differs(self, metadata: dict) -> None:
@@ -389,7 +405,7 @@ class FewShotClassifier:
         if saved != self.scorer:
             warnings.warn(
                 f"Support cache {metadata.get('file')} was saved while scoring with {saved}; it is used with "
-                f"{self.scorer} (the embeddings do not depend on the scorer).", stacklevel=3,
+                f"{self.scorer} (the embeddings do not depend on the scorer).", SupportWarning, stacklevel=3,
             )
 
     def distances(self, features: np.ndarray) -> np.ndarray:

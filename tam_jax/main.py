@@ -7,9 +7,12 @@ field can be overridden as `--config.a.b=value`. Multi-host runs start one such 
 `tam_jax.hosts`).
 
 Exit status: 0 when done; 143 (SIGTERM) or 130 (SIGINT) when a stop signal stopped training after saving
-(no results are written; the same command resumes); 1 with a one-line `error:` for a workdir in use by
-another run, a plan that cannot run here, checkpoints that cannot be restored or written, or a
-non-finite loss.
+(no results are written; the same command resumes); 2 with one `error:` line for a flag the command line
+cannot parse (an unknown `--config` key, a value of the wrong type, a config file that fails); 1 with one
+`error:` line for any other mistake in the input (`tam_jax.errors`): a config value outside its domain, a
+workdir that cannot be used or is in use, data that cannot make episodes, a plan that cannot run here,
+checkpoints that cannot be restored or written, a non-finite loss; 70 for a bug in tam_jax (one line;
+`TAM_JAX_TRACEBACK=1` shows the traceback).
 """
 
 import sys
@@ -37,29 +40,34 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax and grain log every save and read at INFO
-    from tam_jax import evaluate, hosts, plan, train
+    from tam_jax.errors import run_command
 
+    sys.exit(run_command(lambda: run(_CONFIG.value, _WORKDIR.value, _MODE.value)))
+
+
+def run(config, workdir: str, mode: str) -> int:
+    """Check what can be checked at start (the config, the workdir), then do `mode`; the exit status."""
+    from tam_jax import configuration, evaluate, hosts, plan, train, workdir_lock
+
+    configuration.validate(config, training=mode != "eval", files=mode != "plan")
+    if mode != "plan":
+        workdir_lock.check_workdir(workdir, must_exist=mode == "eval" and not config.model.init_from)
     hosts.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-
-    from tam_jax.checkpoints import CheckpointDamagedError, CheckpointWriteError
-    from tam_jax.workdir_lock import WorkdirBusyError
-
-    config = _CONFIG.value
+    if mode in ("train", "train_and_eval"):
+        plan.check_settings(config)
     try:
-        if _MODE.value == "plan":
-            print(plan.plan_command(config, _WORKDIR.value))
-        if _MODE.value in ("train", "train_and_eval"):
-            train.train(config, _WORKDIR.value)
-        if _MODE.value in ("eval", "train_and_eval"):
-            evaluate.evaluate_checkpoint(config, _WORKDIR.value)
-    except train.TrainingInterrupted as e:
-        print(str(e), file=sys.stderr)
-        sys.exit(e.exit_status)
-    except (WorkdirBusyError, CheckpointDamagedError, CheckpointWriteError, train.StopTraining,
-            plan.PlanError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        if mode == "plan":
+            print(plan.plan_command(config, workdir))
+        if mode in ("train", "train_and_eval"):
+            train.train(config, workdir)
+        if mode in ("eval", "train_and_eval"):
+            evaluate.evaluate_checkpoint(config, workdir)
+    except train.TrainingInterrupted as e:  # saved; training printed what happened and how to resume
+        return e.exit_status
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from tam_jax.cli import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 
 from tam_jax import frame_chunks, hosts, models
 from tam_jax.configuration import PLAN_AUTO
+from tam_jax.errors import UserError
 from tam_jax.files import write_text
 from tam_jax.train_state import create_train_state, make_optimizer
 
@@ -46,7 +47,7 @@ MARGIN = 0.95
 PLAN_FILE = "plan.json"
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """No plan can run this config on this machine; the message names the keys and values that work."""
 
 
@@ -285,6 +286,12 @@ def no_fit_message(limit: int, tried: list[tuple[dict, int]]) -> str:
 # The plan.
 
 Measure = Callable[[ml_collections.ConfigDict, Mesh, bool], tuple[object, StepMemory]]
+
+
+def check_settings(config: ml_collections.ConfigDict) -> None:
+    """The plan's checks that need no compile (the device count, set values that must divide): a PlanError
+    at start, before any data is read."""
+    candidates(config, choose_num_devices(config, jax.device_count(), jax.process_count())[0])
 
 
 def make_plan(config: ml_collections.ConfigDict, *, workdir: str | None = None, limit: int | None = None,

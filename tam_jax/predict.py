@@ -12,21 +12,26 @@ query's classes by ascending distance; `--json` writes
      "errors": [{"path": PATH, "error": MESSAGE}, ...]}
 
 Unreadable clips (queries, or support clips of a class that has other readable ones) go to "errors" and
-stderr and the rest is still classified (exit status 0). A support class without one readable clip, a
-support cache made with another architecture, frame count or weights, or a bad checkpoint is a fatal
-error (status 1) whose message says what to do.
+stderr and the rest is still classified (exit status 0). When none of the queries can be read, `--json`
+is still written (its "errors" say why) and the status is 1. A support class without one readable clip,
+a support cache made with another architecture, frame count or weights, or a bad checkpoint is a fatal
+error (status 1, one `error:` line saying what to do). A support set of one class ranks every query
+first in it: a `warning:` line says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from tam_jax import fewshot
+from tam_jax import cli, errors, fewshot, progress
+from tam_jax.errors import UserError
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -44,11 +49,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="OUT", help="write predictions and errors as JSON")
     parser.add_argument("--save-support", metavar="FILE", help="write the support embeddings (.npz)")
     parser.add_argument("--method", choices=fewshot.SCORERS, help="scorer (default: the checkpoint's)")
-    parser.add_argument("--lam", type=float, help="soft-min temperature, 0: hard (default: the checkpoint's)")
+    parser.add_argument("--lam", type=cli.lam_value,
+                        help="soft-min temperature, 0: hard (default: the checkpoint's)")
     parser.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=None,
                         help="add the support->query alignment, TAM only (default: the checkpoint's)")
-    parser.add_argument("--top", type=int, default=5, help="classes printed per query (all are in --json)")
-    parser.add_argument("--devices", type=int, default=1, help="devices to embed on (0: all)")
+    parser.add_argument("--top", type=cli.int_at_least(1, "classes printed per query"), default=5,
+                        help="classes printed per query (all are in --json)")
+    parser.add_argument("--devices", type=cli.int_at_least(0, "0: all devices"), default=1,
+                        help="devices to embed on (0: all)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.save_support and not args.support:
@@ -78,6 +86,31 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
     write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
+@contextlib.contextmanager
+def support_warnings_as_lines() -> Iterator[None]:
+    """Each SupportWarning raised inside the block -> one `warning: MESSAGE` line on stderr; other
+    warnings are shown as usual."""
+    from tam_jax.inference import SupportWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SupportWarning)
+        yield
+    for warning in caught:
+        if issubclass(warning.category, SupportWarning):
+            print(f"warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def check_some_query_read(payload: dict, queries: Sequence[str], json_path: str | None) -> None:
+    """Raise a UserError when queries were given and not one of them could be read."""
+    if queries and not payload["predictions"]:
+        what = ("the query could not be read" if len(queries) == 1
+                else f"none of the {len(queries)} queries could be read")
+        listed = f"listed above and in {json_path}" if json_path else "listed above"
+        raise UserError(f"{what} ({listed}); give readable video files or frame folders as --query.")
+
+
 def run(args: argparse.Namespace) -> dict:
     """Classify as `args` say; returns the JSON payload. Raises on fatal errors."""
     from tam_jax.inference import FewShotClassifier, SupportSet
@@ -86,7 +119,8 @@ def run(args: argparse.Namespace) -> dict:
         args.checkpoint, num_devices=args.devices, method=args.method, lam=args.lam,
         bidirectional=args.bidirectional, progress=not args.no_progress,
     )
-    classifier.fit(SupportSet.load(args.support_cache) if args.support_cache else args.support)
+    with support_warnings_as_lines():
+        classifier.fit(SupportSet.load(args.support_cache) if args.support_cache else args.support)
     for error in classifier.support_errors:
         print(f"warning: support clip left out: {error.path}: {error.error}", file=sys.stderr)
     if args.save_support:
@@ -107,20 +141,21 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status 0 when some query was classified (or only --save-support was asked); 1 with an
+    `error:` line for a bad input or when no query could be read; 2 for bad arguments."""
     args = parse_args(argv)
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
-    from tam_jax.inference import CheckpointMismatchError, SupportError
 
-    try:
-        payload = run(args)
-    except (FileNotFoundError, SupportError, CheckpointMismatchError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if args.json:
-        write_json(args.json, payload)
-    return 0
+    def body() -> None:
+        with progress.hidden(args.no_progress):
+            payload = run(args)
+        if args.json:
+            write_json(args.json, payload)
+        check_some_query_read(payload, args.query, args.json)
+
+    return errors.run_command(body, user_errors=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -25,14 +25,16 @@ import csv
 import dataclasses
 import json
 import os
+import sys
 
 import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tam_jax import fewshot
+from tam_jax import errors, fewshot
 from tam_jax.configuration import PLAN_AUTO, csv_values
+from tam_jax.errors import FlagError, UserError
 from tam_jax.files import atomic_write, write_text
 
 # (scorer, the paper's row label), in the paper's order.
@@ -66,6 +68,10 @@ PUBLISHED_NOTE = (
 DATASET_OF_TFDS_NAME = {"kinetics100_fewshot": "kinetics", "ssv2_fewshot/full": "ssv2_full"}
 
 
+class RunMismatchError(UserError, ValueError):
+    """A run in the workdir trained with another config; names the keys and what to do."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
     """One table entry: a scorer's accuracy at one shot, from one run."""
@@ -87,7 +93,7 @@ def dataset_key(config: ml_collections.ConfigDict, paper: str = "auto") -> str |
     if paper == "none":
         return None
     if paper not in PUBLISHED:
-        raise ValueError(f"--paper={paper!r} is not one of auto, none, {', '.join(PUBLISHED)}.")
+        raise FlagError(f"--paper={paper}: not one of auto, none, {', '.join(PUBLISHED)}.")
     return paper
 
 
@@ -153,7 +159,7 @@ def check_same_training(config: ml_collections.ConfigDict, workdir: str) -> None
     )
     if differ:
         changes = ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in differ)
-        raise ValueError(
+        raise RunMismatchError(
             f"The run in {workdir} was trained with {changes}. Use another --workdir for the new config, "
             "or delete that run folder to retrain it."
         )
@@ -208,10 +214,11 @@ def train_and_score(config: ml_collections.ConfigDict, workdir: str, scorers) ->
 def table_rows(table: int, methods=()) -> tuple[tuple[str, str], ...]:
     """(scorer, label) rows of Table `table`, restricted to `methods` when given (in the paper's order)."""
     rows = {1: TABLE1, 2: TABLE2}[table]
-    unknown = set(methods) - {s for s, _ in rows}
+    unknown = [m for m in methods if m not in {s for s, _ in rows}]
     if unknown:
-        raise ValueError(f"--methods: {sorted(unknown)} are not rows of Table {table} "
-                         f"({', '.join(s for s, _ in rows)}).")
+        raise FlagError(f"--methods={','.join(methods)}: {', '.join(unknown)} "
+                        f"{'is not a row' if len(unknown) == 1 else 'are not rows'} of Table {table}; "
+                        f"choose from {', '.join(s for s, _ in rows)}.")
     return tuple(r for r in rows if not methods or r[0] in methods)
 
 
@@ -226,7 +233,7 @@ def reproduce(base: ml_collections.ConfigDict, workdir: str, *, table: int, shot
     from tam_jax import hosts
 
     if train_each and table != 2:
-        raise ValueError(
+        raise FlagError(
             f"--train-each applies to --table=2 (Table 1 always trains each method), got --table={table}."
         )
     rows = table_rows(table, methods)
@@ -351,17 +358,39 @@ _PAPER = flags.DEFINE_enum("paper", "auto", ["auto", "none", *PUBLISHED],
 flags.mark_flags_as_required(["config", "workdir", "table"])
 
 
-def main(argv):
+def parse_shots(text: str) -> tuple[int, ...]:
+    """`--shots` ("1,5") -> (1, 5); raises FlagError naming the flag when it is not positive integers."""
+    try:
+        shots = csv_values(text, int)
+    except ValueError:
+        shots = ()
+    if not shots:
+        raise FlagError(f"--shots={text}: expected comma-separated integers, e.g. --shots=1,5")
+    if min(shots) < 1:
+        raise FlagError(f"--shots={text}: each shot (support clips per class) must be >= 1, e.g. --shots=1,5")
+    return shots
+
+
+def main(argv) -> None:
+    """Exit status 0, or 1 with one `error:` line for a bad flag, config or run folder (see errors)."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    from tam_jax import hosts
 
-    hosts.initialize("auto")
-    reproduce(_CONFIG.value, _WORKDIR.value, table=int(_TABLE.value), shots=csv_values(_SHOTS.value, int),
-              methods=csv_values(_METHODS.value), paper=_PAPER.value, train_each=_TRAIN_EACH.value)
+    def body() -> None:
+        from tam_jax import hosts
+
+        table, shots, methods = int(_TABLE.value), parse_shots(_SHOTS.value), csv_values(_METHODS.value)
+        table_rows(table, methods)  # a bad --methods fails before any compute
+        hosts.initialize("auto")
+        reproduce(_CONFIG.value, _WORKDIR.value, table=table, shots=shots, methods=methods,
+                  paper=_PAPER.value, train_each=_TRAIN_EACH.value)
+
+    sys.exit(errors.run_command(body))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from tam_jax.cli import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

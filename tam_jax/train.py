@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from tam_jax import checkpoints, evaluate, hosts, models, plan, progress
 from tam_jax.configuration import validate
 from tam_jax.data import pipeline
+from tam_jax.errors import UserError
 from tam_jax.files import write_text
 from tam_jax.metrics_log import MetricsLog
 from tam_jax.train_state import TrainState, create_train_state, learning_rate_schedule, make_optimizer
@@ -32,7 +33,7 @@ from tam_jax.workdir_lock import hold_workdir
 _log = logging.getLogger(__name__)
 
 
-class StopTraining(Exception):
+class StopTraining(UserError):
     """A NaN or infinite loss: the run stops and keeps its last good checkpoint."""
 
 
@@ -178,11 +179,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     from tam_jax.data.report import SkipReport
 
     os.makedirs(workdir, exist_ok=True)
+    report = SkipReport()
+    # The data first (neither depends on the plan): every video of the train split and of the split the
+    # final evaluation scores is counted and its first frame decoded, so a class without a readable video
+    # stops the run here with a DataError, before planning compiles the step and before step 1.
+    train_split = pipeline.prepare_split(config, "train", report)
+    evaluate.prepare_eval_split(config, config.eval.split, report, evaluate.eval_shots(config))
     run_plan, mesh, compiled_step = plan.make_plan(config, workdir=workdir)
     progress.write(run_plan.line())
     config = run_plan.apply(config)
-    report = SkipReport()
-    train_split = pipeline.prepare_split(config, "train", report)
     model = models.build_embedder(config.model)
     validator = None
     if config.train.val_every_steps > 0:
@@ -232,7 +237,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                     manager.save(done, state, val_accuracy=val_accuracy, force=bool(stopping))
                 if stopping:
                     completed.wait_all()
-                    progress.write(f"{stopping} received: saved step {done} and stopped.")
+                    progress.write(f"{stopping} received: saved step {done} and stopped; run the same "
+                                   "command to resume.")
                     break
             completed.wait_all()
             metrics_out.flush()

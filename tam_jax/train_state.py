@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from tam_jax import checkpoints, fewshot, heads, models
 from tam_jax.checkpoints import CheckpointMismatchError
+from tam_jax.errors import ConfigError
 
 
 @flax.struct.dataclass
@@ -87,7 +88,7 @@ def initial_variables(config: ml_collections.ConfigDict, model: models.FrameEmbe
     if config.model.init_from:
         info = models.read_backbone_metadata(config.model.init_from)
         if info["arch"] != config.model.arch:
-            raise ValueError(
+            raise ConfigError(
                 f"config.model.init_from={config.model.init_from!r} holds a {info['arch']} backbone "
                 f"but config.model.arch={config.model.arch!r}; make them agree."
             )

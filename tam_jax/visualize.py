@@ -32,7 +32,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tam_jax import alignment
+from tam_jax import alignment, cli, errors, progress
+from tam_jax.errors import UserError
 from tam_jax.files import atomic_write, write_text
 
 PATH_GID = "tam_path"  # the gid of the path overlay's markers, so tests can find them
@@ -203,6 +204,10 @@ def pair_figure(checkpoint, query_path: str, support_path: str, *, lam: float | 
 # ----------------------------------------------------------------------------------------------------
 # Sensitivity to lambda.
 
+class ResultsError(UserError, ValueError):
+    """A `--results` file that is not records written by `visualize lambda`; names the file."""
+
+
 _CSV_FIELDS = ("lam", "scorer", "way", "shot", "split", "episodes", "accuracy", "ci95", "checkpoint_step")
 
 
@@ -214,7 +219,7 @@ def lambda_sweep(checkpoint, lams: Sequence[float], *, shots: Sequence[int] = ()
     the evaluation seed). Returns records {lam, scorer, way, shot, split, episodes, accuracy, ci95,
     checkpoint_step}, accuracies as fractions.
     """
-    from tam_jax import evaluate, progress
+    from tam_jax import evaluate
     from tam_jax.data.report import SkipReport
 
     report = SkipReport()
@@ -235,14 +240,18 @@ def lambda_sweep(checkpoint, lams: Sequence[float], *, shots: Sequence[int] = ()
 def read_sweep(path: str | os.PathLike) -> list[dict]:
     """Records written by `write_sweep` (a JSON list, or {"records": [...]}); each needs "lam" and
     "accuracy" (a fraction), and may give "ci95", "shot", "way", "scorer", "split", "episodes"."""
-    with open(path) as f:
-        data = json.load(f)
+    not_results = f"{path} is not a results JSON written by `visualize lambda` (its --out .json)"
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ResultsError(f"{not_results}: {e}.") from None
     records = data.get("records") if isinstance(data, dict) else data
     if not isinstance(records, list) or not records:
-        raise ValueError(f"{path}: expected a non-empty JSON list of records with 'lam' and 'accuracy'.")
+        raise ResultsError(f"{not_results}: expected a non-empty list of records with 'lam' and 'accuracy'.")
     for i, record in enumerate(records):
         if not isinstance(record, dict) or "lam" not in record or "accuracy" not in record:
-            raise ValueError(f"{path}: record {i} has no 'lam' and 'accuracy' ({record!r}).")
+            raise ResultsError(f"{path}: record {i} has no 'lam' and 'accuracy' ({record!r}).")
     return records
 
 
@@ -310,20 +319,6 @@ def plot_lambda(records: Sequence[dict]):
 # Command line.
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tam_jax.visualize", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -332,21 +327,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     pair.add_argument("--query", required=True, help="video file or frame folder")
     pair.add_argument("--support", required=True, help="video file or frame folder")
     pair.add_argument("--out", required=True, help="PNG to write (the numbers go beside it as .json)")
-    pair.add_argument("--lam", type=float, help="soft-alignment temperature (default: the checkpoint's)")
+    pair.add_argument("--lam", type=cli.lam_value,
+                      help="soft-alignment temperature (default: the checkpoint's)")
     pair.add_argument("--method", choices=("tam", "plain_dtw"), default="tam")
     sweep = commands.add_parser("lambda", help="accuracy against lambda (Fig. 5)")
     source = sweep.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="evaluate this training workdir or checkpoint")
     source.add_argument("--results", help="plot records written by an earlier run (its .json)")
     sweep.add_argument("--out", required=True, help="PNG to write (records go beside it as .json, .csv)")
-    sweep.add_argument("--lams", type=_floats, default=[0, 0.01, 0.05, 0.1, 0.5, 1.0],
+    sweep.add_argument("--lams", type=cli.comma_separated(cli.lam_value, "numbers >= 0"),
+                       default=[0, 0.01, 0.05, 0.1, 0.5, 1.0],
                        help="comma-separated lambdas (default 0,0.01,0.05,0.1,0.5,1)")
-    sweep.add_argument("--shots", type=_ints, default=[], help="comma-separated shots (default: config's)")
-    sweep.add_argument("--episodes", type=int, help="episodes per point (default: config eval.num_episodes)")
+    sweep.add_argument("--shots", type=cli.comma_separated(cli.int_at_least(1), "integers >= 1"), default=[],
+                       help="comma-separated shots (default: config's)")
+    sweep.add_argument("--episodes", type=cli.int_at_least(1),
+                       help="episodes per point (default: config eval.num_episodes)")
     sweep.add_argument("--split", help="split to evaluate (default: config eval.split)")
     sweep.add_argument("--scorer", choices=("tam", "plain_dtw"), default="tam")
     for command in (pair, sweep):
-        command.add_argument("--devices", type=int, default=1, help="devices to embed on (0: all)")
+        command.add_argument("--devices", type=cli.int_at_least(0, "0: all"), default=1,
+                             help="devices to embed on (0: all)")
         command.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -378,20 +378,20 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status 0 when the files are written; 1 with one `error:` line for a bad input (see errors)."""
     args = parse_args(argv)
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
-    from tam_jax.data.report import VideoError
 
-    try:
-        written = run(args)
-    except (FileNotFoundError, VideoError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for path in written:
-        print(f"wrote {path}")
-    return 0
+    def body() -> int:
+        with progress.hidden(args.no_progress):
+            written = run(args)
+        for path in written:
+            print(f"wrote {path}")
+        return 0
+
+    return errors.run_command(body, user_errors=(ValueError,))
 
 
 if __name__ == "__main__":

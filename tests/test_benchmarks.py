@@ -72,3 +72,12 @@ def test_torch_otam_with_the_papers_columns_is_tam_distance():
         # The public code's extra vertical move in the first inner column only adds paths: never larger.
         public = otam.otam_distance(torch.tensor(dists), 0.1, bidirectional=True, public_columns=True)
         assert torch.all(public <= paper.detach() + 1e-9)
+
+
+def test_start_checks_benchmark_times_both_checks_on_a_tiny_dataset(tmp_path):
+    bench = load_benchmark("start_checks")
+    result = bench.main(["--dir", str(tmp_path / "data"), "--classes=2,1,1", "--videos=2", "--frames=2",
+                         "--size=16x24", "--threads=1"])
+    assert [(r["split"], r["videos"], r["read_frame"]) for r in result["rows"]] == [
+        ("train", 4, False), ("train", 4, True), ("test", 2, False), ("test", 2, True)]
+    assert all(positive(r["check_s"]) for r in result["rows"])

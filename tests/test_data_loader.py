@@ -8,6 +8,7 @@ from tam_jax.data.demo import DemoConfig, DemoSource
 from tam_jax.data.episodes import EpisodeSampler, batch_episode_indices
 from tam_jax.data.loader import TrainBatches, load_split
 from tam_jax.data.report import SkipReport, VideoError
+from tam_jax.errors import DataError
 
 SPEC = ClipSpec(num_frames=4, resize=16, crop=12)
 
@@ -129,7 +130,7 @@ def test_unreadable_videos_are_replaced_by_their_class_spares_and_reported():
 def test_a_class_without_readable_videos_is_a_clear_error():
     source = LabelledSource(per_class=3, bad=range(3))
     sampler = EpisodeSampler(source.labels, way=6, shot=1, queries=1, seed=0)
-    with pytest.raises(RuntimeError, match="class 'class0' has no readable video left"):
+    with pytest.raises(DataError, match="class 'class0' has no readable video left"):
         next(TrainBatches(source, sampler, SPEC))
 
 

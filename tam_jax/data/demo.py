@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from tam_jax.data.splits import SPLIT_NAMES, Split
+from tam_jax.errors import ConfigError
 
 _STEP_LETTERS = "ABCDEFGH"
 _SHAPES = ("disc", "square", "triangle", "ring", "cross", "bar", "diamond", "hbar")
@@ -57,17 +58,19 @@ class DemoConfig:
     def __post_init__(self):
         total = self.train_classes + self.val_classes + self.test_classes
         if not 2 <= self.num_steps <= len(_STEP_LETTERS):
-            raise ValueError(
-                f"DemoConfig.num_steps must be in 2..{len(_STEP_LETTERS)}, got {self.num_steps}."
+            raise ConfigError(
+                f"config.data.demo.num_steps (DemoConfig.num_steps) must be in 2..{len(_STEP_LETTERS)}, got "
+                f"{self.num_steps}."
             )
         if total > np.prod(np.arange(1, self.num_steps + 1)):
-            raise ValueError(
-                f"DemoConfig asks for {total} classes but {self.num_steps} steps have only "
-                f"{int(np.prod(np.arange(1, self.num_steps + 1)))} orders; raise num_steps."
+            raise ConfigError(
+                f"config.data.demo (DemoConfig) asks for {total} classes but {self.num_steps} steps have "
+                f"only {int(np.prod(np.arange(1, self.num_steps + 1)))} orders; raise num_steps."
             )
         if self.height % 2 or self.width % 2 or min(self.height, self.width) < 16:
-            raise ValueError(
-                f"DemoConfig height/width must be even and >= 16, got {self.height}x{self.width}."
+            raise ConfigError(
+                f"config.data.demo.height/width (DemoConfig) must be even and >= 16, got "
+                f"{self.height}x{self.width}."
             )
 
 
@@ -197,6 +200,8 @@ def render_video(config: DemoConfig, class_name: str, video: int) -> np.ndarray:
 
 class DemoSource:
     """A `VideoSource` over one demo split; each video is rendered when read (nothing is stored)."""
+
+    frames_verified = True  # rendered, never unreadable: `find_usable` need not render a frame
 
     def __init__(self, config: DemoConfig, split: str):
         splits = demo_splits(config)

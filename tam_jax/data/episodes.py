@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tam_jax.errors import DataError
+
 _log = logging.getLogger(__name__)
 
 
@@ -91,7 +93,7 @@ class EpisodeSampler:
         if small:
             listed = ", ".join(f"{name!r} ({n})" for name, n in small)
             if not drop_small_classes:
-                raise ValueError(
+                raise DataError(
                     f"{len(small)} class(es) have fewer than shot + queries = {need} usable "
                     f"videos: {listed}. Restore the missing videos, lower shot/queries, or set "
                     "drop_small_classes=True to leave these classes out."
@@ -105,7 +107,7 @@ class EpisodeSampler:
         self.classes = np.array([c for c, v in enumerate(per_class) if len(v) >= need], np.int64)
         self.dropped_classes = tuple(name for name, _ in small)
         if len(self.classes) < way:
-            raise ValueError(
+            raise DataError(
                 f"A {way}-way episode needs {way} classes with >= {need} usable videos each; "
                 f"only {len(self.classes)} of {num_classes} have that many."
             )

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from tam_jax.data.report import VideoError
 
@@ -54,10 +54,15 @@ def list_frames(folder: str | Path) -> list[str]:
 
 
 def decode_image(data: bytes, path: object) -> np.ndarray:
-    """Encoded image bytes -> uint8 [H, W, 3]; a corrupt image raises VideoError naming `path`."""
+    """Encoded image bytes -> uint8 [H, W, 3]; an empty or corrupt image raises VideoError naming `path`."""
+    if not data:
+        raise VideoError(path, "corrupt image (empty file, 0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as image:
             return np.asarray(image.convert("RGB"))
+    except UnidentifiedImageError:  # its message names the in-memory buffer, not the file
+        reason = "corrupt image (not a readable JPEG/PNG: unknown format or damaged header)"
+        raise VideoError(path, reason) from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise VideoError(path, f"corrupt image ({e})") from None
 

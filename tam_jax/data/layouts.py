@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tam_jax.data.splits import SPLIT_NAMES, VIDEO_SUFFIXES, Split, video_id
+from tam_jax.errors import DataError
 
 _log = logging.getLogger(__name__)
 # Which layout a run reads is worth one line in every run; absl's default verbosity (WARNING) would
@@ -105,12 +106,12 @@ def read_split_folder(root: str | Path, split: str, kind: str) -> Split:
         )
     classes = list_classes(folder)
     if not classes:
-        raise ValueError(
+        raise DataError(
             f"Split folder {folder} holds no class folders; lay it out as {folder}/<class>/<video>."
         )
     videos = {c: tuple(f"{folder.name}/{c}/{v}" for v in list_videos(folder / c, kind)) for c in classes}
     if not any(videos.values()):
-        raise ValueError(
+        raise DataError(
             f"No class folder of {folder} holds a {_WHAT[kind]} ({folder / classes[0]} holds "
             f"{_contents(folder / classes[0])}).{_kind_hint(folder / classes[0], kind)}"
         )

@@ -30,6 +30,7 @@ from tam_jax.data.clips import ClipSpec, load_clip
 from tam_jax.data.episodes import Episode, EpisodeSampler, batch_episode_indices
 from tam_jax.data.report import Skipped, SkipReport, VideoError
 from tam_jax.data.sources import VideoSource
+from tam_jax.errors import DataError
 from tam_jax.progress import bar as progress_bar
 
 # More batches than any run takes: the training stream is endless in practice.
@@ -62,7 +63,7 @@ def load_episode(
                 skipped.append(Skipped(e.path, e.reason))
                 if not spares[c]:
                     name = source.class_names[episode.classes[c]]
-                    raise RuntimeError(
+                    raise DataError(
                         f"Episode {episode.index}: class {name!r} has no readable video left "
                         f"(last failure: {e}). Run find_usable on the source before sampling."
                     ) from e

@@ -19,6 +19,7 @@ from tam_jax.data.episodes import EpisodeSampler
 from tam_jax.data.loader import TrainBatches, load_split
 from tam_jax.data.report import SkipReport
 from tam_jax.data.sources import VideoSource, build_source, find_usable
+from tam_jax.errors import DataError
 
 
 def clip_spec(config: ml_collections.ConfigDict) -> ClipSpec:
@@ -60,10 +61,15 @@ class UsableSplit:
 
 
 def prepare_split(
-    config: ml_collections.ConfigDict, split: str, report: SkipReport, shots: tuple[int, ...] = ()
+    config: ml_collections.ConfigDict,
+    split: str,
+    report: SkipReport,
+    shots: tuple[int, ...] = (),
+    queries: int | None = None,
 ) -> UsableSplit:
     """Open a split, check every video once (bad ones go to `report`), and check that episodes of
-    `config.fewshot.shot` and of every shot in `shots` can be drawn.
+    `config.fewshot.shot` and of every shot in `shots`, with `queries` queries per class (default
+    `config.fewshot.queries`), can be drawn; DataError, naming the split and its fix, if not.
 
     Each process checks every P-th video and the usable set is then shared, so all processes agree on it
     and each bad video is reported once.
@@ -74,21 +80,38 @@ def prepare_split(
     usable[find_usable(source, report, indices=mine, num_threads=config.data.num_threads)] = True
     items = np.flatnonzero(hosts.gather(usable[None]).any(axis=0))
     labels = np.array([source.label(int(i)) for i in items], np.int64)
+    queries = queries or config.fewshot.queries
     samplers = {}
     for shot in dict.fromkeys((config.fewshot.shot, *shots)):
         try:
             samplers[shot] = EpisodeSampler(
-                labels, way=config.fewshot.way, shot=shot, queries=config.fewshot.queries,
+                labels, way=config.fewshot.way, shot=shot, queries=queries,
                 seed=config.seed, items=items, class_names=source.class_names,
                 drop_small_classes=config.data.drop_small_classes,
             )
         except ValueError as e:
-            raise ValueError(
+            raise DataError(
                 f"The {split} split cannot make {config.fewshot.way}-way {shot}-shot episodes with "
-                f"{config.fewshot.queries} queries (config.fewshot.*, config.eval.shots, "
-                f"config.data.drop_small_classes): {e}"
+                f"{queries} queries (config.fewshot.*, config.eval.shots, config.eval.queries, "
+                f"config.data.drop_small_classes): {e}{unreadable_classes(source, labels, report)}"
             ) from e
     return UsableSplit(source, items, labels, samplers[config.fewshot.shot])
+
+
+def unreadable_classes(source: VideoSource, usable_labels: np.ndarray, report: SkipReport) -> str:
+    """A sentence naming the classes that list videos but have none usable (`usable_labels`: int [N], the
+    usable items' labels), with one skip reason from `report`; "" when there are none."""
+    all_labels = np.array([source.label(i) for i in range(len(source))], np.int64)
+    listed = np.bincount(all_labels, minlength=len(source.class_names))
+    usable = np.bincount(usable_labels, minlength=len(source.class_names))
+    empty = np.flatnonzero((listed > 0) & (usable == 0))
+    if not len(empty):
+        return ""
+    names = ", ".join(repr(source.class_names[c]) for c in empty)
+    first = source.location(int(np.flatnonzero(all_labels == empty[0])[0]))
+    reasons = [e for e in report.entries if e.path == first or e.path.startswith(first.rstrip("/") + "/")]
+    example = f" (e.g. {reasons[0].path}: {reasons[0].reason})" if reasons else ""
+    return f" No video of class(es) {names} is readable{example}: repair or re-extract them."
 
 
 def train_batches(

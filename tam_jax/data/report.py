@@ -14,10 +14,12 @@ import logging
 import threading
 from collections.abc import Iterable
 
+from tam_jax.errors import UserError
+
 _log = logging.getLogger(__name__)
 
 
-class VideoError(Exception):
+class VideoError(UserError):
     """A video (or one of its frames) that cannot be used; `path` names the file or folder."""
 
     def __init__(self, path: object, reason: str):

@@ -19,8 +19,10 @@ root of split folders (``<root>/{train,val,test}/<class>/<video>``) names the cl
 itself; see `tam_jax.data.layouts`. A missing video's skip entry names the paths tried, and a split
 none of whose videos is found is an error saying which layouts were tried and what is on disk.
 
-`find_usable` checks every item once before training (cheap: it counts frames, from a folder listing
-or the video's metadata), records the bad ones in a `SkipReport` and returns the rest.
+`find_usable` checks every item once before training, cheaply: it counts frames (from a folder listing
+or the video's metadata) and decodes frame 0, as training will (a zero-byte or corrupt first JPEG, a
+video whose first frame does not decode). It records the bad ones in a `SkipReport` and returns the rest.
+A source whose frames were checked when it was stored (`frames_verified`) is only counted.
 `build_source` makes any source from plain config values.
 """
 
@@ -52,7 +54,10 @@ SOURCE_KINDS = ("demo", "frames", "videos", "tfds")
 
 @runtime_checkable
 class VideoSource(Protocol):
-    """Random access to one split's videos. Must be picklable: loader workers get a copy."""
+    """Random access to one split's videos. Must be picklable: loader workers get a copy.
+
+    Optional attribute `frames_verified`: True where frames were checked when stored (`find_usable`).
+    """
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -279,16 +284,25 @@ def find_usable(
     indices: Sequence[int] | None = None,
     num_threads: int = 8,
     progress: bool = True,
+    read_frame: bool | None = None,
 ) -> np.ndarray:
-    """Indices int64 [n_usable] of the items (of `indices`, default all) whose frames can be counted;
-    the others go to `report`.
+    """Indices int64 [n_usable] of the items (of `indices`, default all) whose frames can be counted and
+    whose frame 0 decodes; the others go to `report`.
 
+    read_frame: decode frame 0 of every item (one JPEG, or a video's first frame: no seeking); default
+      True unless the source sets `frames_verified` (demo videos, TFDS records the builder decoded).
     Counting also caches each count in the source, so workers started afterwards do not count again.
     """
+    if read_frame is None:
+        read_frame = not getattr(source, "frames_verified", False)
 
     def check(index: int) -> bool:
         try:
-            return source.num_frames(index) > 0
+            if source.num_frames(index) <= 0:
+                return False
+            if read_frame:
+                source.read(index, [0])
+            return True
         except VideoError as e:
             report.add_error(e)
             return False

@@ -20,6 +20,8 @@ import dataclasses
 import re
 from pathlib import Path, PurePosixPath
 
+from tam_jax.errors import DataError
+
 SPLIT_NAMES = ("train", "val", "test")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".avi", ".mkv", ".mov")
 
@@ -72,14 +74,14 @@ def read_split_list(path: str | Path, name: str | None = None) -> Split:
     lines = [(n, line.strip()) for n, line in enumerate(path.read_text().splitlines(), 1)]
     lines = [(n, line) for n, line in lines if line]
     if not lines:
-        raise ValueError(f"Split list {path} is empty.")
+        raise DataError(f"Split list {path} is empty.")
     name = name or split_name_of(path) or path.stem
     indexed = [_INDEXED_LINE.match(line) for _, line in lines]
     if all(indexed):
         return _parse_indexed(path, name, lines, indexed)
     if any(indexed):
         n, line = next((n, line) for (n, line), m in zip(lines, indexed, strict=True) if not m)
-        raise ValueError(
+        raise DataError(
             f"{path}:{n}: {line!r} is not of the form <split><index>/<video> like the other lines."
         )
     return _parse_class_video(path, name, lines)
@@ -90,7 +92,7 @@ def _parse_class_video(path: Path, name: str, lines: list[tuple[int, str]]) -> S
     for n, line in lines:
         cls, sep, video = line.rpartition("/")
         if not sep or not cls or not video:
-            raise ValueError(f"{path}:{n}: {line!r} is not of the form <class>/<video>.")
+            raise DataError(f"{path}:{n}: {line!r} is not of the form <class>/<video>.")
         videos.setdefault(cls, []).append(video)
     return _make_split(path, name, list(videos), videos)
 
@@ -103,9 +105,9 @@ def _parse_indexed(path, name, lines, matches) -> Split:
         # A path names its class by its parent folder; a bare id (SSv2) only by the index token.
         cls = PurePosixPath(video).parent.name if sep == "//" else f"{split_word}{index}"
         if not cls:
-            raise ValueError(f"{path}:{n}: {line!r} has a path without a class folder.")
+            raise DataError(f"{path}:{n}: {line!r} has a path without a class folder.")
         if names.setdefault(index, cls) != cls:
-            raise ValueError(
+            raise DataError(
                 f"{path}:{n}: class index {index} is {cls!r} here but {names[index]!r} earlier."
             )
         by_index.setdefault(index, []).append(video)
@@ -119,7 +121,7 @@ def _make_split(path: Path, name: str, classes: list[str], videos: dict[str, lis
     for cls, refs in videos.items():
         if len(set(refs)) != len(refs):
             dup = next(r for r in refs if refs.count(r) > 1)
-            raise ValueError(f"{path}: video {dup!r} is listed twice in class {cls!r}.")
+            raise DataError(f"{path}: video {dup!r} is listed twice in class {cls!r}.")
     return Split(name, tuple(classes), {c: tuple(videos[c]) for c in classes})
 
 
@@ -144,7 +146,7 @@ def find_split_files(split_dir: str | Path) -> dict[str, Path]:
         elif len(paths) > 1:
             problems.append(f"several files for '{split}': {', '.join(p.name for p in paths)}")
     if problems:
-        raise ValueError(
+        raise DataError(
             f"Split folder {split_dir}: {'; '.join(problems)}. Keep exactly one train, val and "
             "test list there (e.g. trainlist03.txt, vallist03.txt, testlist03.txt)."
         )

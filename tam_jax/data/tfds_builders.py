@@ -36,12 +36,14 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tam_jax import cli, errors
 from tam_jax.data import frames as frames_lib
 from tam_jax.data import videos as videos_lib
 from tam_jax.data.layouts import has_split_folders, read_split_folder
@@ -50,6 +52,7 @@ from tam_jax.data.sampling import tsn_frame_indices
 from tam_jax.data.sources import DirListings, resolve_video
 from tam_jax.data.splits import SPLIT_NAMES, Split, read_splits, video_id
 from tam_jax.data.transforms import resize_frames
+from tam_jax.errors import UserError
 
 _log = logging.getLogger(__name__)
 
@@ -334,7 +337,16 @@ def make_builder(
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def check_folders(args: argparse.Namespace) -> None:
+    """Raise a UserError naming the flag when --manual_dir or --split_dir is not a folder."""
+    for flag, folder in (("--manual_dir", args.manual_dir), ("--split_dir", args.split_dir)):
+        if folder is not None and not Path(folder).expanduser().is_dir():
+            what = "is not a folder" if Path(folder).expanduser().exists() else "does not exist"
+            raise UserError(f"{flag} {folder} {what}; give the folder holding the split lists and videos.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build a dataset; exit status 1 with one `error:` line for a bad input (see tam_jax.errors)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", choices=sorted(BUILDERS))
     parser.add_argument(
@@ -344,30 +356,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="ssv2_fewshot: full or small")
     parser.add_argument("--split_dir", help="folder with the split lists, if not in --manual_dir")
     parser.add_argument(
-        "--short_side", type=int, help="shrink frames to this short side (default 256)"
+        "--short_side", type=cli.int_at_least(1), help="shrink frames to this short side (default 256)"
     )
     parser.add_argument(
-        "--max_frames", type=int, help="evenly spaced frames kept per video (default 32)"
+        "--max_frames", type=cli.int_at_least(1), help="evenly spaced frames kept per video (default 32)"
     )
     parser.add_argument(
-        "--num_workers", type=int, default=os.cpu_count() or 1, help="decoding processes"
+        "--num_workers", type=cli.int_at_least(1), default=os.cpu_count() or 1, help="decoding processes"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    builder = make_builder(
-        args.dataset,
-        data_dir=args.data_dir,
-        config=args.config,
-        short_side=args.short_side,
-        max_frames=args.max_frames,
-        split_dir=args.split_dir,
-        num_workers=args.num_workers,
-    )
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir)
-    )
-    print(f"Wrote {builder.name}/{builder.builder_config.name} to {builder.data_dir}")
+
+    def body() -> None:
+        check_folders(args)
+        logging.basicConfig(level=logging.INFO)
+        builder = make_builder(
+            args.dataset,
+            data_dir=args.data_dir,
+            config=args.config,
+            short_side=args.short_side,
+            max_frames=args.max_frames,
+            split_dir=args.split_dir,
+            num_workers=args.num_workers,
+        )
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir)
+        )
+        print(f"Wrote {builder.name}/{builder.builder_config.name} to {builder.data_dir}")
+
+    # ValueError: split lists and dataset configs that cannot be read (tam_jax.data.splits names them).
+    return errors.run_command(body, user_errors=(ValueError,))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

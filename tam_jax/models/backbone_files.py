@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tam_jax.errors import DataError
 from tam_jax.models.resnet import ResNet, abstract_variables, create_backbone, feature_dim
 
 FORMAT = "tam_jax.backbone"
@@ -40,7 +41,7 @@ def check_variables(arch: str, variables: dict, where: str) -> None:
     extra = sorted(set(got) - set(want))
     mismatched = [f"{k}: {got[k]} != {want[k]}" for k in sorted(set(want) & set(got)) if want[k] != got[k]]
     if missing or extra or mismatched:
-        raise ValueError(
+        raise DataError(
             f"{where}: variables do not fit a {arch} backbone. Missing: {missing}; "
             f"unexpected: {extra}; shape mismatches (got != expected): {mismatched}."
         )
@@ -101,7 +102,7 @@ def read_backbone_metadata(path: str | Path) -> dict:
         )
     info = json.loads(meta_file.read_text())
     if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise DataError(
             f"{meta_file}: format {info.get('format')!r} version {info.get('format_version')!r} "
             f"is not {FORMAT!r} version {FORMAT_VERSION}."
         )

@@ -36,6 +36,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from tam_jax import errors
+from tam_jax.errors import UserError
 from tam_jax.models.backbone_files import save_backbone
 from tam_jax.models.resnet import ARCHS, abstract_variables, feature_dim
 
@@ -56,9 +58,16 @@ _MAX_KEYS_SHOWN = 20
 # Reading files
 
 
+class WeightsFileError(UserError, ValueError):
+    """A `--src` that is not a weights file this tool reads; names the file."""
+
+
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """Tensors of a `.pth`/`.pt`/`.bin` or `.safetensors` file as {torch key: numpy array}."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise WeightsFileError(f"weights file {path} is a directory; give the weights file inside it "
+                               "(.pth, .pt, .bin or .safetensors).")
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist.")
     if path.suffix == ".safetensors":
@@ -77,7 +86,11 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         raise ImportError(
             f"reading {path} needs the safetensors package: pip install safetensors"
         ) from e
-    return _strip_module_prefix(dict(load_file(str(path))))
+    try:
+        arrays = load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError (and others) on a bad header
+        raise WeightsFileError(f"not a safetensors file: {path} ({e}).") from None
+    return _strip_module_prefix(dict(arrays))
 
 
 def _read_pth(path: Path) -> dict[str, np.ndarray]:
@@ -449,13 +462,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
         out = import_weights(args.src, args.arch, args.out, prefix=args.prefix, overwrite=args.overwrite)
-    except (ValueError, OSError, ImportError) as e:
-        print(f"import_weights: error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.arch} backbone (D={feature_dim(args.arch)}) to {out}")
-    return 0
+        print(f"wrote {args.arch} backbone (D={feature_dim(args.arch)}) to {out}")
+        return 0
+
+    return errors.run_command(body, user_errors=(ValueError, ImportError))
 
 
 if __name__ == "__main__":
