@@ -42,9 +42,19 @@ def _unknown_key_message(argv: list[str], error: Exception) -> str:
             hint = ""
             if suggestion:
                 hint = f" Did you mean --config.{path.replace(missing, suggestion.group(1), 1)}?"
-            return (f"{arg}: the config has no key {path!r}.{hint} `--helpfull` lists every --config key "
-                    "with its default.")
+            return f"{arg}: the config has no key {path!r}.{hint or _known_keys(path)}"
     return f"a --config override names a key the config does not have ({missing!r})."
+
+
+def _known_keys(path: str) -> str:
+    """A sentence listing the keys of `path`'s section in the default config (or its top-level keys)."""
+    from tam_jax.configuration import default_config
+
+    section = path.split(".")[0]
+    defaults = default_config()
+    if "." in path and section in defaults and hasattr(defaults[section], "keys"):
+        return f" The keys of config.{section} are: {', '.join(defaults[section].keys())}."
+    return f" The config's top-level keys are: {', '.join(defaults.keys())}."
 
 
 def _user_error_inside(error: BaseException) -> UserError | None:

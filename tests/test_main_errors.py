@@ -49,7 +49,7 @@ BAD_COMMANDS = [
       "--config.data.tfds_data_dir=/nonexistent/tfds"], 1, ["'kinetics100_fewshot' is not built",
                                                             "tfds_builders"]),
     (["--config.data.kind=frames"], 1, ["config.data.root", "--config.data.root=DIR"]),
-    (["--config.train.nonexistent=1"], 2, ["--config.train.nonexistent=1", "no key"]),
+    (["--config.train.nonexistent=1"], 2, ["--config.train.nonexistent=1", "no key", "num_steps, optimizer"]),
     (["--config.train.num_step=10"], 2, ["num_step=10", "Did you mean --config.train.num_steps?"]),
     (["--config.fewshot.shot=abc"], 2, ["--config.fewshot.shot", "an integer"]),
     (["--config.train.learning_rate=fast"], 2, ["--config.train.learning_rate", "a number"]),

@@ -88,3 +88,18 @@ def test_a_class_without_a_readable_video_stops_the_run_before_step_1(tmp_path, 
     checkpoints = workdir / "checkpoints"
     assert not checkpoints.exists() or not any(p.name.isdigit() for p in checkpoints.iterdir())
     assert not (workdir / "train_log.jsonl").exists()
+
+
+def test_through_the_command_line_a_broken_test_class_is_one_line_before_step_1(tmp_path):
+    from tests.helpers import flags_for
+    from tests.test_main_errors import assert_one_error, run_main
+
+    root = frame_dataset(tmp_path / "data", "test", "hurdling")
+    workdir = tmp_path / "run"
+    result = run_main("--config=configs/demo.py", *flags_for(tiny_config()), f"--workdir={workdir}",
+                      "--config.data.kind=frames", f"--config.data.root={root}", "--config.fewshot.way=2",
+                      "--config.fewshot.queries=1", "--config.mesh.num_devices=1")
+    assert_one_error(result, 1, "The test split cannot make 2-way", "'hurdling'", "00000001.jpg",
+                     "repair or re-extract them")
+    assert "training:" not in result.stderr  # stopped before the first step
+    assert not workdir.exists()  # nothing was written: no workdir left behind
