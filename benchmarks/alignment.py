@@ -42,9 +42,9 @@ def median_seconds(fn, min_total=1.0, max_repeats=20):
     return statistics.median(times)
 
 
-def jax_timers(method):
+def jax_timers(scorer):
     """(value, value+gradient with the analytic backward, value+gradient by autodiff of the scan)."""
-    score = lambda d, lam: alignment.alignment_distance(d, method, lam=lam)
+    score = lambda d, lam: alignment.alignment_distance(d, scorer, lam=lam)
     forward = jax.jit(functools.partial(score, lam=LAM))
     both = jax.jit(jax.value_and_grad(lambda d: jnp.sum(score(d, LAM))))
     # A traced lam makes alignment fall back to autodiff of the forward scan.
@@ -102,11 +102,11 @@ def run(lengths, pair_counts):
             cost64 = rng.uniform(0, 2, size=(pairs, length, length))
             cost = jnp.asarray(cost64, jnp.float32)
             row = {"T": length, "pairs": pairs}
-            for method in ("tam", "plain_dtw"):
-                forward, both, both_autodiff = jax_timers(method)
-                row[f"{method}_fwd"] = pairs / median_seconds(functools.partial(forward, cost))
-                row[f"{method}_fwd_bwd"] = pairs / median_seconds(functools.partial(both, cost))
-                row[f"{method}_fwd_bwd_autodiff"] = pairs / median_seconds(
+            for scorer in ("tam", "plain_dtw"):
+                forward, both, both_autodiff = jax_timers(scorer)
+                row[f"{scorer}_fwd"] = pairs / median_seconds(functools.partial(forward, cost))
+                row[f"{scorer}_fwd_bwd"] = pairs / median_seconds(functools.partial(both, cost))
+                row[f"{scorer}_fwd_bwd_autodiff"] = pairs / median_seconds(
                     functools.partial(both_autodiff, cost)
                 )
             if reference is not None:

@@ -6,7 +6,7 @@ On the demo's test split (10 classes x 20 videos) with the tiny ResNet of config
 weights of `--workdir` when given, else random ones: the timing does not depend on them):
 - cached: load every test video once, embed it once, then run all episodes for every scorer
   (tam, plain_dtw, diagonal, mean, min, tsn) on the cached embeddings;
-- fresh: for each of `--fresh_episodes` episodes, load and embed that episode's 30 videos, then score;
+- fresh: for each of `--fresh_episodes` episodes, load and embed that episode's 40 videos, then score;
   the per-episode time is extrapolated to `--episodes`.
 """
 

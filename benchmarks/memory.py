@@ -5,7 +5,7 @@
         --episodes_per_device_step 1                                          # one row per setting
     python benchmarks/memory.py --arch tiny --image_size 32 --num_frames 4    # seconds, for a quick look
 
-For each dataset config (`configs/<name>.py:shot=S`, `tam_jax.dataset_configs`) the train step
+For each dataset config (`configs/<name>.py:shot=S`, `configs/common.py`) the train step
 (`train_step.make_train_step`) is compiled on one device from abstract inputs (`tam_jax.plan.compile_step`:
 `jax.ShapeDtypeStruct`s and `jax.eval_shape`, so no ResNet-50 weights or 224-pixel frames are made) and
 XLA's buffer assignment is read (`compiled.memory_analysis()`): argument, output, temporary and aliased
@@ -24,6 +24,7 @@ GPU's own figures. `--max_seconds` stops starting new compiles; the JSON is rewr
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
 import os
@@ -37,7 +38,8 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tam_jax import hosts, plan  # noqa: E402
-from tam_jax.dataset_configs import DATASETS, paper_config  # noqa: E402
+
+DATASETS = ("kinetics", "ssv2_full", "ssv2_small", "ucf101", "hmdb51")  # configs/<name>.py
 
 GIB = 2**30
 # Cards people train on, in GiB of device memory, and the share of it a step may take here: JAX's default
@@ -64,7 +66,7 @@ def settings_grid(args) -> list[dict]:
 
 
 def base_config(dataset: str, shot: int, args):
-    config = paper_config(dataset, f"shot={shot}")
+    config = importlib.import_module(f"configs.{dataset}").get_config(f"shot={shot}")
     config.model.init_from = ""  # shapes only: no weights are read
     if args.arch:
         config.model.arch = args.arch

@@ -15,7 +15,7 @@ steps each followed by `block_until_ready`; "pipelined" is the mean of `--steps`
 (as the training loop runs them) with one wait at the end. Frames per step = episodes * (way*shot +
 way*queries) * T, for each value of `--episodes_per_step`.
 
-Inference: the function of `train.make_embed_fn` on uint8 `[B, T, H, W, 3]` already on the device, for each
+Inference: `embedding.inference_apply(model)` on uint8 `[B, T, H, W, 3]` already on the device, for each
 B of `--embed_batch_size` (videos), timed the same way.
 
 Peak device memory: `peak_bytes_in_use` of `jax.devices()[0].memory_stats()`, n/a on a CPU. JAX cannot reset

@@ -3,11 +3,11 @@
     python -m tam_jax.main --config=configs/ssv2_full.py:shot=5 --workdir=runs/ssv2_full_5shot \
         --config.data.root=FRAMES_DIR --config.data.split_dir=SPLIT_LIST_DIR
 
-See `tam_jax.dataset_configs` for what is set and README.md for the data layouts.
+The paper's settings are in configs/common.py; data layouts in docs/data.md.
 """
 
-from tam_jax.dataset_configs import paper_config
+from configs import common
 
 
 def get_config(arg=None):
-    return paper_config("ssv2_full", arg)
+    return common.paper_config(tfds_name="ssv2_fewshot/full", flip=False, arg=arg)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-METHODS = ("tam", "plain_dtw", "diagonal", "mean", "min")
+SCORERS = ("tam", "plain_dtw", "diagonal", "mean", "min")
 
 # Stands in for +inf on cells outside the matrix. Finite, so that neither the soft-min nor its gradient
 # ever meets inf - inf; large enough that exp(-(UNREACHABLE - m) / lam) underflows to 0 for any real cost.
@@ -314,7 +314,7 @@ def diagonal_distance(dist: jax.Array) -> jax.Array:
         raise ValueError(
             "diagonal_distance needs as many query as support frames (Tq == Ts), got "
             f"Tq={dist.shape[-2]}, Ts={dist.shape[-1]}. Sample the same number of frames per video "
-            "or use another method."
+            "or use another scorer."
         )
     on_diagonal = jnp.diagonal(dist.astype(_accumulation_dtype(dist.dtype)), axis1=-2, axis2=-1)
     return jnp.mean(on_diagonal, axis=-1)
@@ -330,35 +330,35 @@ def min_distance(dist: jax.Array) -> jax.Array:
     return jnp.min(dist.astype(_accumulation_dtype(dist.dtype)), axis=(-2, -1))
 
 
-def _scorer(method: str, lam, bidirectional: bool) -> Callable[[jax.Array], jax.Array]:
-    """The scoring function `[..., Tq, Ts]` -> `[...]` for a method name."""
-    if method == "tam":
+def _scorer(scorer: str, lam, bidirectional: bool) -> Callable[[jax.Array], jax.Array]:
+    """The scoring function `[..., Tq, Ts]` -> `[...]` for a scorer name."""
+    if scorer == "tam":
         return functools.partial(tam_distance, lam=lam, bidirectional=bidirectional)
     if bidirectional:
-        raise ValueError(f"bidirectional=True applies to method 'tam' only, got method {method!r}.")
-    if method == "plain_dtw":
+        raise ValueError(f"bidirectional=True applies to scorer 'tam' only, got scorer {scorer!r}.")
+    if scorer == "plain_dtw":
         return functools.partial(plain_dtw_distance, lam=lam)
-    if method == "diagonal":
+    if scorer == "diagonal":
         return diagonal_distance
-    if method == "mean":
+    if scorer == "mean":
         return mean_distance
-    if method == "min":
+    if scorer == "min":
         return min_distance
-    raise ValueError(f"Unknown alignment method {method!r}; valid methods are {', '.join(METHODS)}.")
+    raise ValueError(f"Unknown alignment scorer {scorer!r}; valid scorers are {', '.join(SCORERS)}.")
 
 
-def alignment_distance(dist: jax.Array, method: str, lam=0.1, bidirectional: bool = False) -> jax.Array:
-    """Video distance `[..., Tq, Ts]` -> `[...]` by method: one of "tam", "plain_dtw", "diagonal", "mean",
+def alignment_distance(dist: jax.Array, scorer: str, lam=0.1, bidirectional: bool = False) -> jax.Array:
+    """Video distance `[..., Tq, Ts]` -> `[...]` by scorer: one of "tam", "plain_dtw", "diagonal", "mean",
     "min" (Table 2). `lam` is used by "tam" and "plain_dtw"; `bidirectional` by "tam"."""
-    return _scorer(method, lam, bidirectional)(dist)
+    return _scorer(scorer, lam, bidirectional)(dist)
 
 
 # lam is static: 0 selects the hard minimum at trace time.
-@functools.partial(jax.jit, static_argnames=("method", "lam", "bidirectional"))
+@functools.partial(jax.jit, static_argnames=("scorer", "lam", "bidirectional"))
 def pairwise_distance(
     query: jax.Array,
     support: jax.Array,
-    method: str = "tam",
+    scorer: str = "tam",
     lam=0.1,
     bidirectional: bool = False,
 ) -> jax.Array:
@@ -367,32 +367,32 @@ def pairwise_distance(
     Args:
       query: `[Nq, Tq, D]` frame features.
       support: `[Ns, Ts, D]` frame features.
-      method, lam, bidirectional: as in `alignment_distance`.
+      scorer, lam, bidirectional: as in `alignment_distance`.
 
     Returns:
       `[Nq, Ns]`.
     """
-    score = _scorer(method, lam, bidirectional)
+    score = _scorer(scorer, lam, bidirectional)
     per_support = jax.vmap(lambda q, s: score(cosine_distance(q, s)), in_axes=(None, 0))
     return jax.vmap(per_support, in_axes=(0, None))(query, support)
 
 
-def soft_alignment(dist: jax.Array, method: str = "tam", lam=0.1) -> jax.Array:
+def soft_alignment(dist: jax.Array, scorer: str = "tam", lam=0.1) -> jax.Array:
     """Expected alignment: the gradient of the soft distance with respect to `dist`, `[..., Tq, Ts]`.
 
     Entry (l, m) is the probability that query frame l is matched to support frame m under the Gibbs
     distribution over paths at temperature `lam`; for TAM each column sums to 1 (Fig. 3-4 of the paper).
     """
-    if method not in ("tam", "plain_dtw"):
-        raise ValueError(f"soft_alignment needs an alignment method ('tam' or 'plain_dtw'), got {method!r}.")
-    score = _scorer(method, lam, False)
+    if scorer not in ("tam", "plain_dtw"):
+        raise ValueError(f"soft_alignment needs an alignment scorer ('tam' or 'plain_dtw'), got {scorer!r}.")
+    score = _scorer(scorer, lam, False)
     return jax.grad(lambda d: jnp.sum(score(d)))(dist.astype(_accumulation_dtype(dist.dtype)))
 
 
-def alignment_path(dist: jax.Array, method: str = "tam") -> jax.Array:
+def alignment_path(dist: jax.Array, scorer: str = "tam") -> jax.Array:
     """The optimal hard path (lam = 0) as a 0/1 matrix `[..., Tq, Ts]` (ties broken towards the diagonal).
 
     Computed as the gradient of the hard distance, which the first-argmin minimum makes one-hot along
     the backtracked path. For TAM, each support column holds exactly one 1.
     """
-    return soft_alignment(dist, method, lam=0)
+    return soft_alignment(dist, scorer, lam=0)

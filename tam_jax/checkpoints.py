@@ -22,6 +22,8 @@ building an optimiser.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -39,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from orbax.checkpoint import checkpoint_managers
 
+from tam_jax.configuration import config_from_json
 from tam_jax.errors import UserError
 
 _METRIC = "val_accuracy"
@@ -116,6 +119,7 @@ class CheckpointManager:
         )
         # Handlers named up front, so that reading an item's metadata needs no guess (and logs no warning).
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        _finish_event_loops_when_closed()
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def should_save(self, step: int) -> bool:
@@ -236,8 +240,8 @@ class CheckpointManager:
             if damaged and move_aside:
                 self._move_aside([s for s, _ in damaged])
             if damaged:
-                print(f"Restored checkpoint step {step}: skipped damaged step(s) "
-                      f"{', '.join(str(s) for s, _ in damaged)} (see the warnings above).")
+                _log.warning("Restored checkpoint step %s: skipped damaged step(s) %s (see the warnings "
+                             "above).", step, ", ".join(str(s) for s, _ in damaged))
             return restored
         if not damaged:
             return default
@@ -257,7 +261,7 @@ class CheckpointManager:
             for step in steps:
                 destination = target / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
                 shutil.move(os.path.join(self.directory, str(step)), destination)
-                print(f"Moved damaged checkpoint step {step} to {destination}.")
+                _log.warning("Moved damaged checkpoint step %s to %s.", step, destination)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -273,6 +277,40 @@ class CheckpointManager:
             self._guard_write(self.latest_step() or 0, self._manager.wait_until_finished)
         finally:
             self._manager.close()
+
+
+class _FinishingEventLoop(asyncio.SelectorEventLoop):
+    """An event loop that, closed, first cancels and awaits the tasks still on it (as `asyncio.run` does).
+
+    Orbax runs a restore (or a save) in a new event loop and closes it as soon as it raises, without
+    cancelling its other tasks: when one read of a damaged checkpoint fails, the reads of the other arrays
+    stay pending on the closed loop, and the garbage collector closes them later, one "Exception ignored in:
+    <coroutine object _read_array_index_and_device_put>" each; when a write fails (a full disk), TensorStore
+    completes the others into the closed loop ("Exception ignored in: None ... Event loop is closed").
+    """
+
+    def close(self) -> None:
+        if not self.is_closed() and not self.is_running():
+            pending = [task for task in asyncio.all_tasks(self) if not task.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                with contextlib.suppress(RuntimeError):  # another loop runs in this thread: close as asyncio
+                    self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        super().close()
+
+
+class _FinishingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _FinishingEventLoop()
+
+
+def _finish_event_loops_when_closed() -> None:
+    """From now on, new event loops are `_FinishingEventLoop`s, so that a failed Orbax restore or save leaves
+    no read or write behind (also those of Orbax's background save threads). Only over asyncio's own
+    policy: a process that set another one (uvloop's, say) keeps it."""
+    if type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy:
+        asyncio.set_event_loop_policy(_FinishingPolicy())
 
 
 def _check_fingerprint(state: Any, data: dict) -> None:
@@ -302,16 +340,16 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path, int]:
         )
     if step is None:
         manager = CheckpointManager(str(directory))
-        step = manager.step_to_restore("best")
-        manager.close()
+        try:
+            step = manager.step_to_restore("best")
+        finally:
+            manager.close()
         if step is None:
             raise FileNotFoundError(f"No checkpoint in {directory}: train first (python -m tam_jax.main).")
     return workdir, directory, step
 
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The training config a workdir's `config.json` holds (renamed keys brought up to date)."""
-    from tam_jax.configuration import upgrade_config
-
+    """The training config a workdir's `config.json` holds, over the defaults (`config_from_json`)."""
     with open(Path(workdir) / "config.json") as f:
-        return upgrade_config(ml_collections.ConfigDict(json.load(f)), warn=False)
+        return config_from_json(json.load(f))

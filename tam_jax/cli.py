@@ -12,6 +12,7 @@ import argparse
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from absl import flags
 
@@ -95,8 +96,19 @@ def _flag_error_message(error: flags.Error) -> str:
     return first
 
 
+def _make_configs_importable(argv: list[str]) -> None:
+    """Put the folder above a `--config=DIR/configs/x.py` file on `sys.path`, so that config files import
+    their shared settings as `from configs import common` (as the Flax examples do) from any directory."""
+    for arg in argv:
+        if arg.startswith("--config="):
+            folder = Path(arg[len("--config="):].split(":")[0]).resolve().parent
+            if folder.name == "configs" and str(folder.parent) not in sys.path:
+                sys.path.insert(0, str(folder.parent))
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's `flags_parser`: parse `argv`, or print one `error:` line and exit with status 2."""
+    _make_configs_importable(argv)
     try:
         remaining = flags.FLAGS(argv)
         message = _unloadable_config_message()

@@ -6,38 +6,30 @@ gives the same accuracies as embedding each episode afresh, at a fraction of the
 computed from the same embeddings in one pass.
 
     evaluator = FewShotEvaluator.for_test(config, mesh, model, report)    # loads the split's clips once
-    records = evaluator.run(state)                                        # embeds, scores, -> records
+    for name, value in evaluator.run(state):                              # embeds, scores, -> metrics
+        ...                                                               # ("accuracy/tam/1shot", 0.73)
 
-`FewShotEvaluator.for_validation` serves the training loop, `evaluate_checkpoint` the `--mode=eval` run,
-and `tam_jax.visualize` re-scores one embedding at many lambdas with `score`.
+`FewShotEvaluator.for_validation` serves the training loop, `records` the `--mode=eval` run
+(`tam_jax.eval_workdir`), and `tam_jax.visualize` re-scores one embedding at many lambdas with `score`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import math
-import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tam_jax import checkpoints, fewshot, heads, hosts, progress
-from tam_jax.configuration import csv_values, eval_queries, validate
+from tam_jax import fewshot, heads, hosts, progress, results
+from tam_jax.configuration import csv_values, eval_queries
 from tam_jax.data import pipeline
 from tam_jax.data.episodes import EpisodeSampler
 from tam_jax.data.report import SkipReport
 from tam_jax.embedding import Embedder, embed_share
-from tam_jax.errors import ConfigError
-from tam_jax.files import atomic_write
-from tam_jax.workdir_lock import hold_workdir
-
-# Two-sided 95% normal quantile: the papers report mean accuracy +- 1.96 standard errors.
-_Z95 = 1.959964
 
 
 def episode_index_arrays(
@@ -144,55 +136,6 @@ def evaluate_embeddings(
         per_scorer.append(np.asarray(accuracies)[:, : num_episodes - start])
     stacked = np.concatenate(per_scorer, axis=1)
     return {name: stacked[i] for i, name in enumerate(scorers)}
-
-
-def mean_and_ci95(per_episode: np.ndarray) -> tuple[float, float]:
-    """Mean accuracy and the half-width of its 95% confidence interval (1.96 standard errors)."""
-    values = np.asarray(per_episode, np.float64)
-    if values.size < 2:
-        return float(values.mean()), float("nan")
-    return float(values.mean()), float(_Z95 * values.std(ddof=1) / math.sqrt(values.size))
-
-
-def result_records(
-    per_scorer: dict[str, np.ndarray], *, split: str, way: int, shot: int
-) -> list[dict]:
-    """Per-scorer accuracies -> records {split, scorer, way, shot, episodes, accuracy, ci95}."""
-    records = []
-    for scorer, values in per_scorer.items():
-        mean, ci95 = mean_and_ci95(values)
-        records.append(
-            dict(split=split, scorer=scorer, way=way, shot=shot, episodes=int(len(values)),
-                 accuracy=mean, ci95=ci95)
-        )
-    return records
-
-
-def write_results(path: str | os.PathLike, records: list[dict]) -> list[dict]:
-    """Merge `records` into the JSON list at `path` (replacing ones with the same split, scorer, way and
-    shot), write it atomically, and return the merged list."""
-    key = lambda r: (r["split"], r["scorer"], r["way"], r["shot"])
-    existing = []
-    if os.path.exists(path):
-        with open(path) as f:
-            existing = json.load(f)
-    merged = {key(r): r for r in existing}
-    merged.update({key(r): r for r in records})
-    ordered = sorted(merged.values(), key=key)
-    with atomic_write(path) as f:
-        json.dump(ordered, f, indent=2)
-    return ordered
-
-
-def format_results(records: list[dict]) -> str:
-    """Records -> a markdown table, accuracies in percent with their 95% intervals."""
-    lines = ["| split | scorer | way | shot | episodes | accuracy (%) |", "|---|---|---|---|---|---|"]
-    for r in records:
-        lines.append(
-            f"| {r['split']} | {r['scorer']} | {r['way']} | {r['shot']} | {r['episodes']} | "
-            f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} |"
-        )
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -316,89 +259,18 @@ class FewShotEvaluator:
                 show_progress=self.show_progress and show_progress,
                 head_embeddings=embedded.head_features,
             )
-            records += result_records(per_scorer, split=self.split, way=config.fewshot.way, shot=shot)
+            records += results.result_records(per_scorer, split=self.split, way=config.fewshot.way, shot=shot)
         return records
 
-    def run(self, state) -> list[dict]:
-        """`score(embed(state))`."""
+    def records(self, state) -> list[dict]:
+        """`score(embed(state))`: the records of every shot and scorer."""
         return self.score(self.embed(state))
 
-    def accuracy(self, state) -> float:
-        """The mean accuracy of the first scorer and shot (validation's single number)."""
-        return float(self.run(state)[0]["accuracy"])
+    def run(self, state) -> Iterator[tuple[str, float]]:
+        """(name, value) of every metric, e.g. ("accuracy/tam/1shot", 0.73), ("ci95/tam/1shot", 0.004)."""
+        yield from results.metrics(self.records(state))
 
-
-def imported_state(config: ml_collections.ConfigDict, model, mesh, workdir: str):
-    """The state to evaluate when `workdir` holds no checkpoint: the backbone of `model.init_from` as
-    imported (a model trained elsewhere), with nothing trained here."""
-    from tam_jax.train_state import create_train_state, make_optimizer
-
-    init_from = config.model.init_from
-    if not os.path.isdir(init_from):
-        raise FileNotFoundError(
-            f"No checkpoint in {workdir}/checkpoints, and config.model.init_from={init_from!r} is not a "
-            f"backbone directory: train first (--mode=train --workdir={workdir}), or import one with "
-            "`python -m tam_jax.tools.import_weights --src FILE --arch ARCH --out DIR` and pass "
-            "--config.model.init_from=DIR."
-        )
-    if config.fewshot.scorer in fewshot.HEAD_SCORERS:
-        raise ConfigError(
-            f"config.fewshot.scorer={config.fewshot.scorer!r} scores with a learned head that an imported "
-            f"backbone lacks: train it first (--mode=train --workdir={workdir}), or evaluate with "
-            "--config.fewshot.scorer=tam."
-        )
-    if hosts.is_chief():
-        print(f"No checkpoint in {workdir}: evaluating the backbone config.model.init_from={init_from} as "
-              "imported, untrained here.")
-    os.makedirs(workdir, exist_ok=True)
-    return create_train_state(config, model, make_optimizer(config), mesh)
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-    """Restore the best (or latest, `eval.checkpoint`) checkpoint in `workdir` and evaluate every scorer of
-    `eval_scorers` and every shot; write `workdir/results.json`, print the table, return the records.
-
-    Without a checkpoint in `workdir`, evaluates the backbone of `config.model.init_from` as imported
-    (`imported_state`); its records then hold "checkpoint_step": 0 and "init_from": that directory. A
-    damaged checkpoint is reported and the next good one evaluated. Holds the workdir's lock
-    (`tam_jax.workdir_lock`) while it runs."""
-    validate(config, training=False)
-    with hold_workdir(workdir):
-        return _evaluate_checkpoint(config, workdir)
-
-
-def _evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-    from tam_jax import models
-    from tam_jax.train_state import restore_trained
-
-    report = SkipReport()
-    mesh = hosts.make_mesh(config.mesh.num_devices)
-    model = models.build_embedder(config.model)
-    evaluator = FewShotEvaluator.for_test(config, mesh, model, report)  # checks the split can be sampled
-    manager = checkpoints.CheckpointManager(os.path.join(workdir, "checkpoints"))
-    try:
-        steps = manager.fallback_order(config.eval.checkpoint)
-        if not steps and not config.model.init_from:
-            raise FileNotFoundError(
-                f"No checkpoint in {manager.directory}: train first (--mode=train) with --workdir={workdir}, "
-                "or set --config.model.init_from=DIR to evaluate an imported backbone as it is."
-            )
-        if not steps:
-            state = imported_state(config, model, mesh, workdir)
-        else:  # a damaged checkpoint is reported and the next good one evaluated (never loaded silently)
-            restore = lambda s: restore_trained(manager, s, config, mesh)
-            state = manager.restore_good(steps, restore, move_aside=False)
-    finally:
-        manager.close()
-    step = int(state.step) if steps else None
-    records = evaluator.run(state)
-    for record in records:
-        record["checkpoint_step"] = int(step or 0)
-        if step is None:
-            record["init_from"] = os.path.abspath(config.model.init_from)
-    if hosts.is_chief():
-        write_results(os.path.join(workdir, "results.json"), records)
-        print(format_results(records))
-        if len(report):
-            print(report.summary())
-    return records
+    @property
+    def selection_metric(self) -> str:
+        """The metric that picks the best checkpoint: the first scorer's accuracy at the first shot."""
+        return results.metric_name("accuracy", self.scorers[0], self.shots[0])

@@ -1,6 +1,6 @@
 """One episode's embeddings -> class distances -> logits, loss and accuracy (Eq. 8).
 
-Scorers: the alignment methods of `tam_jax.alignment` ("tam", "plain_dtw", "diagonal", "mean", "min"),
+Scorers: the alignment scorers of `tam_jax.alignment` ("tam", "plain_dtw", "diagonal", "mean", "min"),
 which compare every query video with every support video frame by frame, and "tsn" (TSN++ of Table 1),
 which compares mean-pooled video features. The learned scorers "trn" and "cmn" (TRN++ and CMN++ of
 Table 1) compare the video embeddings of a trained head (`tam_jax.heads`), passed in as `head_query` and
@@ -24,7 +24,7 @@ import optax
 
 from tam_jax import alignment
 
-SCORERS = (*alignment.METHODS, "tsn")  # need only frame features
+SCORERS = (*alignment.SCORERS, "tsn")  # need only frame features
 HEAD_SCORERS = ("trn", "cmn")  # need the video embeddings of a learned head (tam_jax.heads)
 ALL_SCORERS = (*SCORERS, *HEAD_SCORERS)  # every scorer a run can train with (config.fewshot.scorer)
 # Scorers whose video distance sums frame distances along an alignment path: TAM one per support frame,
@@ -58,13 +58,13 @@ def class_distances(
     *,
     way: int,
     shot: int,
-    method: str = "tam",
+    scorer: str = "tam",
     lam: float = 0.1,
     bidirectional: bool = False,
 ) -> jax.Array:
     """Distance of each query video to each class of the episode.
 
-    With an alignment method, a class's distance is the mean over its `shot` support videos of the
+    With an alignment scorer, a class's distance is the mean over its `shot` support videos of the
     query-support video distance (Eq. 8's setting for k > 1). With "tsn", frame features are mean-pooled
     into one vector per video and the distance is 1 - cos(query, mean of the class's support vectors).
     "trn" does the same with the head's embeddings; "cmn" takes 1 - the largest cosine similarity to the
@@ -80,7 +80,7 @@ def class_distances(
       `[Nq, way]` float32 distances.
     """
     return class_distances_for_scorers(
-        query, support, way=way, shot=shot, scorers=(method,), lam=lam, bidirectional=bidirectional,
+        query, support, way=way, shot=shot, scorers=(scorer,), lam=lam, bidirectional=bidirectional,
         head_query=head_query, head_support=head_support,
     )[0]
 
@@ -193,7 +193,7 @@ def logits_from_distances(distances: jax.Array, temperature: float | jax.Array =
     return -distances / temperature
 
 
-def logit_scale(method: str, num_frames: int, mode: str = "paper") -> float:
+def logit_scale(scorer: str, num_frames: int, mode: str = "paper") -> float:
     """The factor a scorer's distances are multiplied by in Eq. 8's logits, -scale * distance / temperature.
 
     A distance that is one cosine distance or a mean of them lies in [0, 2]; at scale 1 it cannot get below
@@ -204,10 +204,10 @@ def logit_scale(method: str, num_frames: int, mode: str = "paper") -> float:
     - "none": 1 for every scorer, Eq. 8 as written.
     Accuracy never depends on the scale (the nearest class is the same); only the training signal does.
     """
-    check_scorer(method, learned=True)
+    check_scorer(scorer, learned=True)
     if mode not in LOGIT_SCALES:
         raise ValueError(f"config.fewshot.logit_scale={mode!r} is not one of {', '.join(LOGIT_SCALES)}.")
-    return float(num_frames) if method in SCALED_SCORERS[mode] else 1.0
+    return float(num_frames) if scorer in SCALED_SCORERS[mode] else 1.0
 
 
 def loss_floor(way: int, distance_range: float, temperature: float = 1.0) -> float:

@@ -3,7 +3,7 @@
 Each head maps the frame features of a video `[T, D]` to one video embedding `[E]`; the scorers "trn" and
 "cmn" of `tam_jax.fewshot` then compare query and support embeddings by cosine distance. Both start with a
 per-frame linear projection to `dim` channels (TRN's `img_feature_dim` layer). Heads train jointly with the
-embedder; their parameters are `state.params["head"]`, present only when `alignment.method` is "trn" or
+embedder; their parameters are `state.params["head"]`, present only when `fewshot.scorer` is "trn" or
 "cmn".
 
 TRN++ (Zhou et al., ECCV 2018, the multi-scale temporal relation module, replacing TSN++'s average):
@@ -115,12 +115,12 @@ class CMNHead(nn.Module):
 
 def build_head(config: ml_collections.ConfigDict) -> nn.Module | None:
     """The head `config.fewshot.scorer` trains ("trn", "cmn"), or None for the parameter-free scorers."""
-    method = config.fewshot.scorer
-    if method == "trn":
+    scorer = config.fewshot.scorer
+    if scorer == "trn":
         return TRNHead(dim=config.head.dim, max_tuples=config.head.trn_tuples)
-    if method == "cmn":
+    if scorer == "cmn":
         return CMNHead(dim=config.head.dim, num_saliency=config.head.cmn_saliencies)
-    assert method not in fewshot.HEAD_SCORERS, f"no head built for {method!r}"
+    assert scorer not in fewshot.HEAD_SCORERS, f"no head built for {scorer!r}"
     return None
 
 

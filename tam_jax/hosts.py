@@ -104,10 +104,9 @@ def gather(local: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
-def any_process(signal_name: str | None) -> str | None:
-    """The signal name if any process received one (a collective: every process must call it)."""
-    received = gather(np.array([signal_name is not None]))
-    return (signal_name or "a stop signal (on another process)") if received.any() else None
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is set on any process (a collective: every process must call it)."""
+    return bool(gather(np.array([bool(flag)])).any())
 
 
 def assert_replicas_equal(tree, what: str) -> None:

@@ -247,7 +247,7 @@ def _class_distances(query, support, labels, num_classes, scorer, lam, bidirecti
 
 
 def class_distances(
-    query: np.ndarray, support: np.ndarray, labels: np.ndarray, num_classes: int, *, method: str = "tam",
+    query: np.ndarray, support: np.ndarray, labels: np.ndarray, num_classes: int, *, scorer: str = "tam",
     lam: float = 0.1, bidirectional: bool = False,
 ) -> np.ndarray:
     """`tam_jax.fewshot.class_distances_by_label` for any number of queries: scored `_SCORE_CHUNK` at a
@@ -256,13 +256,13 @@ def class_distances(
     Returns:
       float32 `[Nq, num_classes]`.
     """
-    fewshot.check_scorer(method)
+    fewshot.check_scorer(scorer)
     counts = np.bincount(np.asarray(labels), minlength=num_classes)
     if len(counts) != num_classes or not counts.all():
         raise ValueError(f"every class in 0..{num_classes - 1} needs a support clip; counts {counts}.")
     if not len(query):
         return np.zeros((0, num_classes), np.float32)
-    score = lambda chunk: _class_distances(chunk, support, labels, num_classes, method, float(lam),
+    score = lambda chunk: _class_distances(chunk, support, labels, num_classes, scorer, float(lam),
                                            bool(bidirectional))
     return map_batches(score, query, _SCORE_CHUNK)
 
@@ -325,26 +325,26 @@ class FewShotClassifier:
     """
 
     def __init__(
-        self, model: TrainedModel, *, method: str | None = None, lam: float | None = None,
+        self, model: TrainedModel, *, scorer: str | None = None, lam: float | None = None,
         bidirectional: bool | None = None, progress: bool = True,
     ):
         settings = model.config.alignment
         self.model = model
-        self.method = method or model.config.fewshot.scorer
-        if self.method in fewshot.HEAD_SCORERS:
+        self.scorer = scorer or model.config.fewshot.scorer
+        if self.scorer in fewshot.HEAD_SCORERS:
             raise ValueError(
-                f"Checkpoint {model.directory} scores with a learned {self.method!r} head, which "
-                "prediction does not support yet; choose a frame-feature scorer with method= (--method): "
+                f"Checkpoint {model.directory} scores with a learned {self.scorer!r} head, which "
+                "prediction does not support yet; choose a frame-feature scorer with scorer= (--scorer): "
                 f"{', '.join(fewshot.SCORERS)}."
             )
-        fewshot.check_scorer(self.method)
+        fewshot.check_scorer(self.scorer)
         self.lam = float(settings.lam if lam is None else lam)
         if self.lam < 0:
             raise ValueError(f"lam must be >= 0 (0: the hard minimum), got {self.lam}.")
-        if bidirectional and self.method != "tam":
-            raise ValueError(f"bidirectional applies to method 'tam' only, not {self.method!r}.")
-        # The checkpoint's bidirectional setting follows its method; another method drops it.
-        self.bidirectional = bool(settings.bidirectional and self.method == "tam"
+        if bidirectional and self.scorer != "tam":
+            raise ValueError(f"bidirectional applies to scorer 'tam' only, not {self.scorer!r}.")
+        # The checkpoint's bidirectional setting follows its scorer; another scorer drops it.
+        self.bidirectional = bool(settings.bidirectional and self.scorer == "tam"
                                   if bidirectional is None else bidirectional)
         self.progress = progress
         self.support: SupportSet | None = None
@@ -354,12 +354,12 @@ class FewShotClassifier:
     def from_checkpoint(cls, path: str | os.PathLike, *, num_devices: int = 1, **kwargs) -> FewShotClassifier:
         """From a training workdir (its best checkpoint) or one `checkpoints/<step>` folder (its embedder
         only). kwargs:
-        method, lam, bidirectional (default: the checkpoint's `config.alignment`), progress."""
+        scorer, lam, bidirectional (default: the checkpoint's `config.alignment`), progress."""
         return cls(load_trained_model(path, num_devices=num_devices), **kwargs)
 
     @property
-    def scorer(self) -> dict:
-        return {"method": self.method, "lam": self.lam, "bidirectional": self.bidirectional}
+    def settings(self) -> dict:
+        return {"scorer": self.scorer, "lam": self.lam, "bidirectional": self.bidirectional}
 
     def fit(self, support: str | os.PathLike | Mapping[str, Sequence[str]] | SupportSet) -> FewShotClassifier:
         """Embed the support clips: a `<class>/<clip>` folder, a {class: [paths]} mapping, or a SupportSet
@@ -393,7 +393,7 @@ class FewShotClassifier:
                 f"Support class(es) without one readable clip: {details}. Give each class at least one "
                 "readable video file or frame folder, or remove the class."
             )
-        metadata = {**self.model.metadata(), **self.scorer}
+        metadata = {**self.model.metadata(), **self.settings}
         kept_paths = tuple(paths[i] for i in kept)
         self.support = SupportSet(tuple(clips), features, labels[kept], kept_paths, metadata)
         self.support_errors = tuple(errors)
@@ -401,11 +401,12 @@ class FewShotClassifier:
         return self
 
     def _warn_if_scorer_differs(self, metadata: dict) -> None:
-        saved = {key: metadata.get(key) for key in self.scorer}
-        if saved != self.scorer:
+        saved = {key: metadata.get(key) for key in self.settings}
+        if saved != self.settings:
             warnings.warn(
                 f"Support cache {metadata.get('file')} was saved while scoring with {saved}; it is used with "
-                f"{self.scorer} (the embeddings do not depend on the scorer).", SupportWarning, stacklevel=3,
+                f"{self.settings} (the embeddings do not depend on the scorer).",
+                SupportWarning, stacklevel=3,
             )
 
     def distances(self, features: np.ndarray) -> np.ndarray:
@@ -413,7 +414,7 @@ class FewShotClassifier:
         if self.support is None:
             raise RuntimeError("Call fit(support) before predict or distances.")
         return class_distances(features, self.support.embeddings, self.support.labels,
-                               len(self.support.class_names), **self.scorer)
+                               len(self.support.class_names), **self.settings)
 
     def predict(self, queries: str | os.PathLike | Sequence[str | os.PathLike]) -> Predictions:
         """Rank the support classes for each query (a video file or a frame folder, or a list of them).

@@ -17,7 +17,7 @@ checkpoints that cannot be restored or written, a non-finite loss; 70 for a bug 
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py:shot=5.")
@@ -38,18 +38,19 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax and grain log every save and read at INFO
+    from tam_jax import log_setup
     from tam_jax.errors import run_command
+
+    log_setup.setup()  # tam_jax's INFO messages on stderr; Orbax's and grain's INFO dropped
 
     sys.exit(run_command(lambda: run(_CONFIG.value, _WORKDIR.value, _MODE.value)))
 
 
 def run(config, workdir: str, mode: str) -> int:
     """Check what can be checked at start (the config, the workdir), then do `mode`; the exit status."""
-    from tam_jax import configuration, evaluate, hosts, plan, train, workdir_lock
+    from tam_jax import config_checks, eval_workdir, hosts, plan, train, workdir_lock
 
-    configuration.validate(config, training=mode != "eval", files=mode != "plan")
+    config_checks.validate(config, training=mode != "eval", files=mode != "plan")
     if mode != "plan":
         workdir_lock.check_workdir(workdir, must_exist=mode == "eval" and not config.model.init_from)
     hosts.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -61,7 +62,7 @@ def run(config, workdir: str, mode: str) -> int:
         if mode in ("train", "train_and_eval"):
             train.train(config, workdir)
         if mode in ("eval", "train_and_eval"):
-            evaluate.evaluate_checkpoint(config, workdir)
+            eval_workdir.evaluate_workdir(config, workdir)
     except train.TrainingInterrupted as e:  # saved; training printed what happened and how to resume
         return e.exit_status
     return 0

@@ -370,7 +370,7 @@ def store_plan(workdir: str, plan: Plan) -> None:
 def plan_command(config: ml_collections.ConfigDict, workdir: str) -> str:
     """`--mode=plan`: the plan a training run in `workdir` would take here (its stored one when it
     resumes), as text whose last line is `Plan.line()`. Reads no data and writes nothing."""
-    from tam_jax.configuration import validate
+    from tam_jax.config_checks import validate
 
     validate(config, files=False)
     chosen, mesh, _ = make_plan(config, workdir=workdir)

@@ -48,7 +48,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="video files or frame folders to classify")
     parser.add_argument("--json", metavar="OUT", help="write predictions and errors as JSON")
     parser.add_argument("--save-support", metavar="FILE", help="write the support embeddings (.npz)")
-    parser.add_argument("--method", choices=fewshot.SCORERS, help="scorer (default: the checkpoint's)")
+    parser.add_argument("--scorer", choices=fewshot.SCORERS, help="scorer (default: the checkpoint's)")
     parser.add_argument("--lam", type=cli.lam_value,
                         help="soft-min temperature, 0: hard (default: the checkpoint's)")
     parser.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=None,
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> dict:
     from tam_jax.inference import FewShotClassifier, SupportSet
 
     classifier = FewShotClassifier.from_checkpoint(
-        args.checkpoint, num_devices=args.devices, method=args.method, lam=args.lam,
+        args.checkpoint, num_devices=args.devices, scorer=args.scorer, lam=args.lam,
         bidirectional=args.bidirectional, progress=not args.no_progress,
     )
     with support_warnings_as_lines():

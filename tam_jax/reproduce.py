@@ -4,18 +4,18 @@
     python -m tam_jax.reproduce --config=configs/kinetics.py --workdir=runs/kinetics --table=2 \\
         --config.data.root=FRAMES_DIR --config.data.split_dir=SPLIT_LIST_DIR
 
-Table 1 trains one run per method and shot, in `DIR/<method>_<shot>shot`, and scores each with its own
+Table 1 trains one run per scorer and shot, in `DIR/<scorer>_<shot>shot`, and scores each with its own
 scorer. Table 2 has two readings. By default it trains one TAM run per shot (the same `DIR/tam_<shot>shot`
 as Table 1's) and scores it with every alignment scorer from the same embeddings: how much each scorer
 gets out of TAM's features (`DIR/table2.md`). With `--train-each` it trains one run per scorer and shot,
 like Table 1, each scored with the scorer it was trained with: the paper's rows read this way
 (`DIR/table2_train_each.md`). Runs use `tam_jax.train.train` (a run already in DIR resumes, a finished one
 is left alone, one trained with another config is an error naming the keys) and
-`tam_jax.evaluate.evaluate_checkpoint` (records already in the run's `results.json` for the same checkpoint
+`tam_jax.eval_workdir.evaluate_workdir` (records already in the run's `results.json` for the same checkpoint
 and episode count are reused). Our accuracy is in percent with its 95% interval, beside the published
 number where the dataset is the paper's (Kinetics-100 or Something-Something-V2 full, from
 `config.data.tfds_name` or `--paper`); Table 1 then also lists the rows the paper quotes from CMN's paper
-(Matching Net, MAML, CMN), which are not trained here. `--shots` and `--methods` narrow the table; every
+(Matching Net, MAML, CMN), which are not trained here. `--shots` and `--scorers` narrow the table; every
 `--config.a.b=value` override applies to every run.
 """
 
@@ -29,7 +29,7 @@ import sys
 
 import jax
 import ml_collections
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from tam_jax import errors, fewshot
@@ -97,14 +97,14 @@ def dataset_key(config: ml_collections.ConfigDict, paper: str = "auto") -> str |
     return paper
 
 
-def run_config(base: ml_collections.ConfigDict, method: str, shot: int, scorers) -> ml_collections.ConfigDict:
-    """`base` set up to train `method` at `shot` and evaluate `scorers` at that shot."""
+def run_config(base: ml_collections.ConfigDict, scorer: str, shot: int, scorers) -> ml_collections.ConfigDict:
+    """`base` set up to train `scorer` at `shot` and evaluate `scorers` at that shot."""
     config = base.copy_and_resolve_references()
-    config.fewshot.scorer = method
-    config.alignment.bidirectional = base.alignment.bidirectional and method == "tam"
+    config.fewshot.scorer = scorer
+    config.alignment.bidirectional = base.alignment.bidirectional and scorer == "tam"
     config.fewshot.shot = shot
     config.eval.shots = ""
-    config.eval.scorers = ",".join(s for s in scorers if s not in fewshot.HEAD_SCORERS or s == method)
+    config.eval.scorers = ",".join(s for s in scorers if s not in fewshot.HEAD_SCORERS or s == scorer)
     return config
 
 
@@ -116,8 +116,6 @@ _FREE_KEYS = {
     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.val_every_steps", "train.val_episodes",
     "train.memory_limit_gib",
 }
-# Keys added since runs were first saved, with the value a `config.json` without them was trained with.
-_OLDER_RUNS = {"fewshot.logit_scale": "none"}
 
 
 def _scale(config: ml_collections.ConfigDict, mode: str) -> float | str:
@@ -144,8 +142,7 @@ def check_same_training(config: ml_collections.ConfigDict, workdir: str) -> None
         return
     from tam_jax.checkpoints import read_config
 
-    # read_config brings renamed keys up to date, so a run saved before a rename compares equal.
-    saved = {**_OLDER_RUNS, **_flatten(json.loads(read_config(workdir).to_json_best_effort()))}
+    saved = _flatten(json.loads(read_config(workdir).to_json_best_effort()))
     now = _flatten(json.loads(config.to_json_best_effort()))
     sections = set(_TRAINING_SECTIONS)
     if config.fewshot.scorer not in fewshot.HEAD_SCORERS:
@@ -166,7 +163,7 @@ def check_same_training(config: ml_collections.ConfigDict, workdir: str) -> None
 
 
 def _checkpoint_steps(workdir: str, which: str) -> tuple[int | None, int | None]:
-    """(latest step, the step `evaluate.evaluate_checkpoint` restores for `eval.checkpoint=which`)."""
+    """(latest step, the step `eval_workdir.evaluate_workdir` restores for `eval.checkpoint=which`)."""
     from tam_jax.checkpoints import CheckpointManager
 
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
@@ -194,7 +191,7 @@ def _saved_records(config, workdir: str, scorers, step: int) -> dict[str, dict] 
 def train_and_score(config: ml_collections.ConfigDict, workdir: str, scorers) -> dict[str, Cell]:
     """Train (or resume, or skip when finished) the run in `workdir`, then evaluate `scorers` (or reuse the
     saved records of the same checkpoint). Returns scorer -> Cell."""
-    from tam_jax import evaluate, train
+    from tam_jax import eval_workdir, train
 
     check_same_training(config, workdir)
     latest, _ = _checkpoint_steps(workdir, config.eval.checkpoint)
@@ -203,7 +200,7 @@ def train_and_score(config: ml_collections.ConfigDict, workdir: str, scorers) ->
     _, step = _checkpoint_steps(workdir, config.eval.checkpoint)
     records = _saved_records(config, workdir, scorers, step)
     if records is None:
-        records = {r["scorer"]: r for r in evaluate.evaluate_checkpoint(config, workdir)}
+        records = {r["scorer"]: r for r in eval_workdir.evaluate_workdir(config, workdir)}
     return {
         s: Cell(s, records[s]["shot"], records[s]["accuracy"], records[s]["ci95"], records[s]["episodes"],
                 records[s]["checkpoint_step"], workdir)
@@ -211,18 +208,18 @@ def train_and_score(config: ml_collections.ConfigDict, workdir: str, scorers) ->
     }
 
 
-def table_rows(table: int, methods=()) -> tuple[tuple[str, str], ...]:
-    """(scorer, label) rows of Table `table`, restricted to `methods` when given (in the paper's order)."""
+def table_rows(table: int, scorers=()) -> tuple[tuple[str, str], ...]:
+    """(scorer, label) rows of Table `table`, restricted to `scorers` when given (in the paper's order)."""
     rows = {1: TABLE1, 2: TABLE2}[table]
-    unknown = [m for m in methods if m not in {s for s, _ in rows}]
+    unknown = [m for m in scorers if m not in {s for s, _ in rows}]
     if unknown:
-        raise FlagError(f"--methods={','.join(methods)}: {', '.join(unknown)} "
+        raise FlagError(f"--scorers={','.join(scorers)}: {', '.join(unknown)} "
                         f"{'is not a row' if len(unknown) == 1 else 'are not rows'} of Table {table}; "
                         f"choose from {', '.join(s for s, _ in rows)}.")
-    return tuple(r for r in rows if not methods or r[0] in methods)
+    return tuple(r for r in rows if not scorers or r[0] in scorers)
 
 
-def reproduce(base: ml_collections.ConfigDict, workdir: str, *, table: int, shots=(1, 5), methods=(),
+def reproduce(base: ml_collections.ConfigDict, workdir: str, *, table: int, shots=(1, 5), scorers=(),
               paper: str = "auto", train_each: bool = False) -> dict[tuple[str, int], Cell]:
     """Train and evaluate every run Table `table` needs, write its table to `workdir` (`table_name`) as
     `.md` and `.csv`, and return (scorer, shot) -> Cell.
@@ -234,9 +231,9 @@ def reproduce(base: ml_collections.ConfigDict, workdir: str, *, table: int, shot
 
     if train_each and table != 2:
         raise FlagError(
-            f"--train-each applies to --table=2 (Table 1 always trains each method), got --table={table}."
+            f"--train-each applies to --table=2 (Table 1 always trains each scorer), got --table={table}."
         )
-    rows = table_rows(table, methods)
+    rows = table_rows(table, scorers)
     cells = {}
     for shot in shots:
         if table == 1 or train_each:
@@ -245,9 +242,9 @@ def reproduce(base: ml_collections.ConfigDict, workdir: str, *, table: int, shot
                 config = run_config(base, scorer, shot, (scorer,))
                 cells[(scorer, shot)] = train_and_score(config, run_dir, (scorer,))[scorer]
         else:
-            scorers = tuple(s for s, _ in rows)
-            config = run_config(base, "tam", shot, scorers)
-            run = train_and_score(config, os.path.join(workdir, f"tam_{shot}shot"), scorers)
+            row_scorers = tuple(s for s, _ in rows)
+            config = run_config(base, "tam", shot, row_scorers)
+            run = train_and_score(config, os.path.join(workdir, f"tam_{shot}shot"), row_scorers)
             cells.update({(scorer, shot): cell for scorer, cell in run.items()})
     if hosts.is_chief():
         key = dataset_key(base, paper)
@@ -287,11 +284,11 @@ def _published_text(key: str, row: str, shot: int) -> str:
 def format_markdown(
     table: int, rows, shots, cells: dict, key: str | None, *, train_each: bool = False
 ) -> str:
-    """The table laid out like the paper's: one row per method, per shot our accuracy ± 95% interval
+    """The table laid out like the paper's: one row per scorer, per shot our accuracy ± 95% interval
     (percent) and, for the paper's datasets, the published number (Table 1 adds the quoted-only rows)."""
     some = next(iter(cells.values()))
     if table == 1:
-        what = "methods"
+        what = "scorers"
     elif train_each:
         what = "scorers, each trained with its own scorer"
     else:
@@ -299,7 +296,7 @@ def format_markdown(
     lines = [f"# Table {table}: 5-way few-shot accuracy (%) of the {what}", ""]
     lines.append(f"Ours: mean ± 95% interval over {some.episodes} test episodes per cell (runs in "
                  f"`{os.path.dirname(some.workdir)}`).")
-    header = ["method"]
+    header = ["scorer"]
     for shot in shots:
         header += [f"{shot}-shot"] + ([f"{shot}-shot (paper)"] if key else [])
     if key:
@@ -328,7 +325,7 @@ def write_table(workdir: str, table: int, rows, shots, cells: dict, key: str | N
                                                                      train_each=train_each))
     with atomic_write(os.path.join(workdir, f"{name}.csv"), newline="") as f:
         writer = csv.writer(f)
-        header = ["method", "scorer"]
+        header = ["scorer", "scorer"]
         for shot in shots:
             header += [f"{shot}-shot", f"{shot}-shot ci95", f"{shot}-shot paper"]
         writer.writerow(header + ["episodes"])
@@ -349,7 +346,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the runs (one sub-folder each) and the tables.")
 _TABLE = flags.DEFINE_enum("table", None, ["1", "2"], "1: TSN++, CMN++, TRN++, TAM; 2: scorers of TAM runs.")
 _SHOTS = flags.DEFINE_string("shots", "1,5", "Comma-separated shots (columns).")
-_METHODS = flags.DEFINE_string("methods", "", "Comma-separated rows to run (default: all of the table's).")
+_SCORERS = flags.DEFINE_string("scorers", "", "Comma-separated rows to run (default: all of the table's).")
 _TRAIN_EACH = flags.DEFINE_bool(
     "train-each", False, "Table 2 only: train one run per scorer (the paper's reading) instead of scoring "
     "one TAM run's features with every scorer.")
@@ -375,16 +372,17 @@ def main(argv) -> None:
     """Exit status 0, or 1 with one `error:` line for a bad flag, config or run folder (see errors)."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    from tam_jax import log_setup
+
+    log_setup.setup()  # tam_jax's INFO messages on stderr; Orbax's and grain's INFO dropped
 
     def body() -> None:
         from tam_jax import hosts
 
-        table, shots, methods = int(_TABLE.value), parse_shots(_SHOTS.value), csv_values(_METHODS.value)
-        table_rows(table, methods)  # a bad --methods fails before any compute
+        table, shots, scorers = int(_TABLE.value), parse_shots(_SHOTS.value), csv_values(_SCORERS.value)
+        table_rows(table, scorers)  # a bad --scorers fails before any compute
         hosts.initialize("auto")
-        reproduce(_CONFIG.value, _WORKDIR.value, table=table, shots=shots, methods=methods,
+        reproduce(_CONFIG.value, _WORKDIR.value, table=table, shots=shots, scorers=scorers,
                   paper=_PAPER.value, train_each=_TRAIN_EACH.value)
 
     sys.exit(errors.run_command(body))

@@ -21,7 +21,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from tam_jax import checkpoints, evaluate, hosts, models, plan, progress
-from tam_jax.configuration import validate
+from tam_jax.config_checks import validate
 from tam_jax.data import pipeline
 from tam_jax.errors import UserError
 from tam_jax.files import write_text
@@ -44,11 +44,10 @@ class TrainingInterrupted(Exception):
     SIGTERM, 130 for SIGINT), as a shell reports a process ended by that signal. No results are written.
     """
 
-    def __init__(self, signal_name: str, step: int):
-        self.signal_name, self.step = signal_name, step
-        number = getattr(signal.Signals, signal_name, signal.SIGTERM)
-        self.exit_status = 128 + int(number)
-        super().__init__(f"{signal_name} received: saved step {step} and stopped; run the same command to "
+    def __init__(self, signum: signal.Signals, step: int):
+        self.signum, self.step = signum, step
+        self.exit_status = 128 + int(signum)
+        super().__init__(f"{signum.name} received: saved step {step} and stopped; run the same command to "
                          "resume.")
 
 
@@ -60,7 +59,7 @@ class _StopSignal:
     """Turns SIGTERM / SIGINT into a flag the loop checks between steps (then saves and exits)."""
 
     def __init__(self):
-        self.received = None
+        self.received: signal.Signals | None = None
         self._previous = {}
 
     def __enter__(self):
@@ -70,7 +69,7 @@ class _StopSignal:
         return self
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
+        self.received = signal.Signals(signum)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -149,12 +148,16 @@ def _start(config, workdir: str, mesh: Mesh, model, optimizer, log: MetricsLog):
         os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
         save_every=config.train.checkpoint_every_steps,
     )
-    state = manager.restore_latest(state)
+    try:
+        state = manager.restore_latest(state)
+    except BaseException:  # e.g. every checkpoint damaged: the caller gets no manager to close
+        manager.close()
+        raise
     start_step = int(state.step)
     log.start(start_step)
     if hosts.is_chief():
         if start_step:
-            print(f"Resuming from step {start_step} in {workdir}.")
+            _log.info("Resuming from step %d in %s.", start_step, workdir)
         write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     return state, manager, start_step
 
@@ -204,7 +207,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     completed = _CompletedSteps(bar)
     metrics_out = _TrainMetrics(config, log, bar, manager.directory, start_step)
     try:
-        stopping = None  # stays None when the run is already finished (a rerun of a done command)
+        stopping = False  # stays False when the run is already finished (a rerun of a done command)
         with _StopSignal() as stop:
             for step in range(start_step, config.train.num_steps):
                 state, metrics = train_step(state, shard_batch(next(batches), mesh))
@@ -216,35 +219,37 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 # One reading of the flag per step, so a signal arriving mid-step is acted on (saved and
                 # stopped) at the end of the next step rather than half-way through this one. Processes
                 # must stop at the same step: with several, they agree at logging steps.
-                stopping = stop.received
+                stopping = stop.received is not None
                 if jax.process_count() > 1:
-                    stopping = hosts.any_process(stopping) if logging_now else None
+                    stopping = hosts.any_process(stopping) if logging_now else False
                 validating_now = validator is not None and (
                     done % config.train.val_every_steps == 0 or finished
                 )
-                saving_now = manager.should_save(done) or validating_now or finished or bool(stopping)
+                saving_now = manager.should_save(done) or validating_now or finished or stopping
                 if logging_now or saving_now:
                     metrics_out.defer(done, metrics, write=logging_now)
                 if saving_now:
                     metrics_out.flush()  # never save a state whose loss is not finite
                 val_accuracy = None
                 if validating_now:
-                    val_accuracy = validator.accuracy(state)
-                    log.write(done, {"val_accuracy": val_accuracy}, "val")
-                    progress.write(f"step {done}: validation accuracy {val_accuracy:.4f}")
+                    val_metrics = dict(validator.run(state))
+                    log.write(done, {f"val_{name}": value for name, value in val_metrics.items()}, "val")
+                    val_accuracy = val_metrics[validator.selection_metric]
+                    progress.write(f"step {done}: validation {validator.selection_metric} {val_accuracy:.4f}")
                 if saving_now:
                     log.flush()
-                    manager.save(done, state, val_accuracy=val_accuracy, force=bool(stopping))
+                    manager.save(done, state, val_accuracy=val_accuracy, force=stopping)
                 if stopping:
                     completed.wait_all()
-                    progress.write(f"{stopping} received: saved step {done} and stopped; run the same "
+                    what = stop.received.name if stop.received else "a stop signal on another process"
+                    progress.write(f"{what} received: saved step {done} and stopped; run the same "
                                    "command to resume.")
                     break
             completed.wait_all()
             metrics_out.flush()
             if stopping:  # `finally` below waits for the save to complete before this propagates
-                raise TrainingInterrupted(stopping if stopping in signal.Signals.__members__ else "SIGTERM",
-                                          done)
+                # Stopped for another process's signal: exit as SIGTERM, what a scheduler sends.
+                raise TrainingInterrupted(stop.received or signal.SIGTERM, done)
         hosts.assert_replicas_equal(state.params, "parameters")
     finally:
         bar.close()

@@ -78,7 +78,7 @@ def episode_logits(params, features: jax.Array, num_support: int, config: ml_col
             fewshot.class_distances,
             way=config.fewshot.way,
             shot=config.fewshot.shot,
-            method=config.fewshot.scorer,
+            scorer=config.fewshot.scorer,
             lam=config.alignment.lam,
             bidirectional=config.alignment.bidirectional,
         )

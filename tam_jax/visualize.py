@@ -23,6 +23,7 @@ import argparse
 import csv
 import functools
 import json
+import logging
 import math
 import os
 import sys
@@ -37,7 +38,8 @@ from tam_jax.errors import UserError
 from tam_jax.files import atomic_write, write_text
 
 PATH_GID = "tam_path"  # the gid of the path overlay's markers, so tests can find them
-_METHOD_NAMES = {"tam": "TAM", "plain_dtw": "plain DTW"}
+_SCORER_NAMES = {"tam": "TAM", "plain_dtw": "plain DTW"}
+_log = logging.getLogger(__spec__.name if __spec__ else __name__)  # not "__main__" under python -m
 _DPI = 150
 
 
@@ -45,21 +47,21 @@ _DPI = 150
 # One query-support pair.
 
 
-@functools.partial(jax.jit, static_argnames=("lam", "method"))
-def _maps(query, support, lam: float, method: str):
+@functools.partial(jax.jit, static_argnames=("lam", "scorer"))
+def _maps(query, support, lam: float, scorer: str):
     distance = alignment.cosine_distance(query, support)
-    hard = alignment.alignment_path(distance, method)
-    soft = alignment.soft_alignment(distance, method, lam) if lam > 0 else hard
-    scores = [alignment.alignment_distance(distance, method, value) for value in (lam, 0)]
+    hard = alignment.alignment_path(distance, scorer)
+    soft = alignment.soft_alignment(distance, scorer, lam) if lam > 0 else hard
+    scores = [alignment.alignment_distance(distance, scorer, value) for value in (lam, 0)]
     return distance, hard, soft, scores
 
 
-def alignment_maps(query: np.ndarray, support: np.ndarray, *, lam: float = 0.1, method: str = "tam") -> dict:
+def alignment_maps(query: np.ndarray, support: np.ndarray, *, lam: float = 0.1, scorer: str = "tam") -> dict:
     """Query `[Tq, D]` and support `[Ts, D]` frame features -> {"distance", "path", "soft"} float `[Tq, Ts]`
     (Eq. 1 distances, the 0/1 hard path, the expected alignment at `lam`) and the soft and hard video
     distances {"soft_distance", "hard_distance"}."""
     distance, path, soft, (soft_distance, hard_distance) = _maps(
-        np.asarray(query, np.float32), np.asarray(support, np.float32), float(lam), method
+        np.asarray(query, np.float32), np.asarray(support, np.float32), float(lam), scorer
     )
     return {"distance": np.asarray(distance), "path": np.asarray(path), "soft": np.asarray(soft),
             "soft_distance": float(soft_distance), "hard_distance": float(hard_distance)}
@@ -144,11 +146,11 @@ def _matrix_panel(place: _Inches, x0: float, y0: float, cell: float, matrix, fra
 
 
 def plot_alignment(maps: dict, query_frames: np.ndarray, support_frames: np.ndarray, *, lam: float,
-                   query_name: str = "query", support_name: str = "support", method: str = "tam"):
+                   query_name: str = "query", support_name: str = "support", scorer: str = "tam"):
     """A figure of two panels: frame distances and soft alignment `[Tq, Ts]`, each with the hard path
     (`maps["path"]`, red squares) and uint8 frames `[T, h, w, 3]` along both axes. Returns the Figure."""
     tq, ts = maps["distance"].shape
-    name = _METHOD_NAMES.get(method, method)
+    name = _SCORER_NAMES.get(scorer, scorer)
     cell = min(0.6, max(0.25, 4.0 / max(tq, ts)))
     panel = _PANEL_LEFT + cell + _PAD + ts * cell + sum(_BAR) + _PANEL_RIGHT
     width = max(2 * panel, 7.0)
@@ -177,7 +179,7 @@ def _short_name(path: str | os.PathLike) -> str:
 
 
 def pair_figure(checkpoint, query_path: str, support_path: str, *, lam: float | None = None,
-                method: str = "tam"):
+                scorer: str = "tam"):
     """Read, embed and align two clips with a loaded checkpoint -> (Figure, maps with the paths added).
 
     Raises VideoError (from tam_jax.data.report) naming an unreadable clip.
@@ -192,11 +194,11 @@ def pair_figure(checkpoint, query_path: str, support_path: str, *, lam: float | 
         if isinstance(clip, ClipError):
             raise VideoError(clip.path, clip.error)
     query, support = checkpoint.embed(np.stack(clips))
-    maps = alignment_maps(query, support, lam=lam, method=method)
+    maps = alignment_maps(query, support, lam=lam, scorer=scorer)
     figure = plot_alignment(maps, clips[0], clips[1], lam=lam, query_name=_short_name(query_path),
-                            support_name=_short_name(support_path), method=method)
+                            support_name=_short_name(support_path), scorer=scorer)
     record = {"query": str(query_path), "support": str(support_path), "checkpoint": str(checkpoint.directory),
-              "checkpoint_step": int(checkpoint.step), "method": method, "lam": lam,
+              "checkpoint_step": int(checkpoint.step), "scorer": scorer, "lam": lam,
               **{k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v for k, v in maps.items()}}
     return figure, record
 
@@ -233,7 +235,7 @@ def lambda_sweep(checkpoint, lams: Sequence[float], *, shots: Sequence[int] = ()
         for record in evaluator.score(embedded, lam=float(lam), scorers=(scorer,), show_progress=False):
             records.append({"lam": float(lam), **record, "checkpoint_step": int(checkpoint.step)})
     if len(report):
-        print(report.summary(), file=sys.stderr)
+        _log.warning("%s", report.summary())
     return records
 
 
@@ -329,7 +331,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     pair.add_argument("--out", required=True, help="PNG to write (the numbers go beside it as .json)")
     pair.add_argument("--lam", type=cli.lam_value,
                       help="soft-alignment temperature (default: the checkpoint's)")
-    pair.add_argument("--method", choices=("tam", "plain_dtw"), default="tam")
+    pair.add_argument("--scorer", choices=("tam", "plain_dtw"), default="tam")
     sweep = commands.add_parser("lambda", help="accuracy against lambda (Fig. 5)")
     source = sweep.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="evaluate this training workdir or checkpoint")
@@ -359,7 +361,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.command == "pair":
         checkpoint = load_trained_model(args.checkpoint, num_devices=args.devices)
-        figure, record = pair_figure(checkpoint, args.query, args.support, lam=args.lam, method=args.method)
+        figure, record = pair_figure(checkpoint, args.query, args.support, lam=args.lam, scorer=args.scorer)
         save_figure(figure, out)
         write_text(out.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
         return [out, out.with_suffix(".json")]
@@ -380,14 +382,14 @@ def run(args: argparse.Namespace) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status 0 when the files are written; 1 with one `error:` line for a bad input (see errors)."""
     args = parse_args(argv)
-    from absl import logging
+    from tam_jax import log_setup
 
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+    log_setup.setup()  # tam_jax's INFO messages on stderr; Orbax's INFO dropped
 
     def body() -> int:
         with progress.hidden(args.no_progress):
             written = run(args)
-        for path in written:
+        for path in written:  # the command's result, on stdout
             print(f"wrote {path}")
         return 0
 

@@ -42,6 +42,27 @@ def tiny_config(num_steps=6):
     return config
 
 
+def small_config(num_steps=4):
+    """Tiny demo training on one device, a checkpoint every 2 steps, validation at step 3 and the end."""
+    config = tiny_config(num_steps=num_steps)
+    config.mesh.num_devices = 1
+    config.train.episodes_per_step = 1
+    config.train.checkpoint_every_steps = 2
+    config.train.val_every_steps = 3
+    config.train.val_episodes = 8
+    config.eval.num_episodes = 16
+    config.eval.episodes_per_batch = 8
+    return config
+
+
+def trained_config():
+    """The config of the session's shared trained workdir (tests/conftest.py `trained`): `small_config()`
+    without validation, so its checkpoints are steps 2 and 4 and none holds a validation accuracy."""
+    config = small_config()
+    config.train.val_every_steps = 0
+    return config
+
+
 def flags_for(config):
     """The command-line overrides that turn configs/demo.py into `config` (scalar fields only)."""
     base = load_config()
@@ -64,5 +85,8 @@ def read_params(workdir, config):
     from tam_jax.checkpoints import CheckpointManager
 
     manager = CheckpointManager(os.path.join(workdir, "checkpoints"))
-    step = manager.latest_step()
-    return step, manager.restore(step, state)
+    try:
+        step = manager.latest_step()
+        return step, manager.restore(step, state)
+    finally:
+        manager.close()

@@ -27,7 +27,7 @@ def _countdown(n: int):
 
 
 def install(point: str, n: int) -> None:
-    from tam_jax import checkpoints, evaluate, metrics_log, train
+    from tam_jax import checkpoints, evaluate, metrics_log, results, train
 
     due = _countdown(n)
     if point == "step":
@@ -66,9 +66,9 @@ def install(point: str, n: int) -> None:
 
         epath.Path.write_text = write_text
     elif point == "validation":
-        original_accuracy = evaluate.FewShotEvaluator.accuracy
-        evaluate.FewShotEvaluator.accuracy = lambda self, state: (
-            (_kill() if due() else None) or original_accuracy(self, state))
+        original_run = evaluate.FewShotEvaluator.run
+        evaluate.FewShotEvaluator.run = lambda self, state: (
+            (_kill() if due() else None) or original_run(self, state))
     elif point == "results":
         import json
 
@@ -81,7 +81,7 @@ def install(point: str, n: int) -> None:
                 _kill()
             return original_dump(obj, f, *a, **k)
 
-        evaluate.json.dump = dump
+        results.json.dump = dump
     else:
         raise SystemExit(f"unknown kill point {point!r}")
 

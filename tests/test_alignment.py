@@ -128,13 +128,13 @@ def test_negative_lam_is_rejected():
         alignment.tam_distance(jnp.zeros((3, 3)), lam=-0.1)
 
 
-@pytest.mark.parametrize("method", alignment.METHODS)
-def test_dispatch_matches_direct_call_with_any_batch_axes(method):
+@pytest.mark.parametrize("scorer", alignment.SCORERS)
+def test_dispatch_matches_direct_call_with_any_batch_axes(scorer):
     dist = jnp.asarray(np.random.default_rng(5).uniform(0, 2, size=(2, 3, 5, 5)), jnp.float32)
-    got = alignment.alignment_distance(dist, method, lam=0.1)
+    got = alignment.alignment_distance(dist, scorer, lam=0.1)
     assert got.shape == (2, 3)
     for a, b in itertools.product(range(2), range(3)):
-        single = alignment.alignment_distance(dist[a, b], method, lam=0.1)
+        single = alignment.alignment_distance(dist[a, b], scorer, lam=0.1)
         np.testing.assert_allclose(got[a, b], single, rtol=1e-6)
 
 
@@ -153,23 +153,23 @@ def test_cosine_distance_matches_numpy_and_handles_zero_vectors():
     np.testing.assert_allclose(alignment.cosine_distance(x, y)[0, 1], 1.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["tam", "plain_dtw"])
-def test_gradients_match_finite_differences(method):
+@pytest.mark.parametrize("scorer", ["tam", "plain_dtw"])
+def test_gradients_match_finite_differences(scorer):
     rng = np.random.default_rng(7)
     with jax.enable_x64(True):
         dist = jnp.asarray(rng.uniform(0, 2, size=(2, 4, 5)), jnp.float64)
-        fn = lambda d: alignment.alignment_distance(d, method, lam=0.1)
+        fn = lambda d: alignment.alignment_distance(d, scorer, lam=0.1)
         # The soft scores have an analytic backward pass (a custom VJP), so reverse mode only.
         check_grads(fn, (dist,), order=2, modes=("rev",))
 
 
-@pytest.mark.parametrize("method", ["tam", "plain_dtw"])
-def test_analytic_backward_matches_autodiff_of_the_scan(method):
+@pytest.mark.parametrize("scorer", ["tam", "plain_dtw"])
+def test_analytic_backward_matches_autodiff_of_the_scan(scorer):
     dist = jnp.asarray(np.random.default_rng(17).uniform(0, 2, size=(3, 6, 7)), jnp.float32)
     # A traced lam takes the autodiff path; a known one (Python float) the analytic backward recursion.
-    analytic = jax.grad(lambda d: alignment.alignment_distance(d, method, 0.1).sum())(dist)
+    analytic = jax.grad(lambda d: alignment.alignment_distance(d, scorer, 0.1).sum())(dist)
     autodiff = jax.jit(jax.grad(
-        lambda d, lam: alignment.alignment_distance(d, method, lam).sum()
+        lambda d, lam: alignment.alignment_distance(d, scorer, lam).sum()
     ))(dist, jnp.float32(0.1))
     np.testing.assert_allclose(analytic, autodiff, rtol=1e-5, atol=1e-6)
 
@@ -207,15 +207,15 @@ def test_alignment_path_is_the_optimal_path():
 
 
 @pytest.mark.parametrize("lam", [1e-3, 0.1, 1.0])
-@pytest.mark.parametrize("method", ["tam", "plain_dtw"])
-def test_stable_for_small_lam_large_entries_and_long_sequences(method, lam):
+@pytest.mark.parametrize("scorer", ["tam", "plain_dtw"])
+def test_stable_for_small_lam_large_entries_and_long_sequences(scorer, lam):
     rng = np.random.default_rng(11)
     for dist in (
         rng.uniform(0, 1e3, size=(2, 16, 16)),
         rng.uniform(0, 2, size=(1, 512, 512)),
     ):
         value, grad = jax.value_and_grad(
-            lambda d: alignment.alignment_distance(d, method, lam=lam).sum()
+            lambda d: alignment.alignment_distance(d, scorer, lam=lam).sum()
         )(jnp.asarray(dist, jnp.float32))
         assert np.isfinite(value)
         assert np.all(np.isfinite(grad))
@@ -224,9 +224,9 @@ def test_stable_for_small_lam_large_entries_and_long_sequences(method, lam):
 def test_zero_feature_vectors_give_finite_values_and_gradients():
     query = jnp.zeros((2, 8, 16))
     support = jnp.asarray(np.random.default_rng(12).normal(size=(3, 8, 16)), jnp.float32)
-    for method in alignment.METHODS:
+    for scorer in alignment.SCORERS:
         value, grads = jax.value_and_grad(
-            lambda q, s, m=method: alignment.pairwise_distance(q, s, m, 1e-3).sum(), argnums=(0, 1)
+            lambda q, s, m=scorer: alignment.pairwise_distance(q, s, m, 1e-3).sum(), argnums=(0, 1)
         )(query, support)
         assert np.isfinite(value)
         assert all(np.all(np.isfinite(g)) for g in grads)
@@ -243,17 +243,17 @@ def test_bfloat16_input_accumulates_in_float32():
 
 
 @pytest.mark.parametrize(
-    ("method", "bidirectional"), [(m, False) for m in alignment.METHODS] + [("tam", True)]
+    ("scorer", "bidirectional"), [(m, False) for m in alignment.SCORERS] + [("tam", True)]
 )
-def test_pairwise_distance_equals_loop_over_pairs(method, bidirectional):
+def test_pairwise_distance_equals_loop_over_pairs(scorer, bidirectional):
     rng = np.random.default_rng(14)
     query = rng.normal(size=(3, 6, 10)).astype(np.float32)
     support = rng.normal(size=(4, 6, 10)).astype(np.float32)
-    got = alignment.pairwise_distance(query, support, method, 0.1, bidirectional)
+    got = alignment.pairwise_distance(query, support, scorer, 0.1, bidirectional)
     assert got.shape == (3, 4)
     for a, b in itertools.product(range(3), range(4)):
         dist = alignment.cosine_distance(query[a], support[b])
-        expected = alignment.alignment_distance(dist, method, 0.1, bidirectional)
+        expected = alignment.alignment_distance(dist, scorer, 0.1, bidirectional)
         np.testing.assert_allclose(got[a, b], expected, rtol=1e-5, atol=1e-6)
 
 

@@ -22,6 +22,7 @@ def positive(value):
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.e2e  # a whole benchmark run, JAX and PyTorch
 def test_tiny_run_writes_positive_figures_for_both_frameworks(tmp_path):
     bench = load_benchmark("train_throughput")
     out = tmp_path / "throughput.json"

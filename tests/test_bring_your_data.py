@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from tam_jax import evaluate, fewshot, predict
+from tam_jax import eval_workdir, fewshot, predict
 from tam_jax.tools import import_weights as iw
 from tests import realdata
 from tests.helpers import REPO, load_config
+
+# Whole data layouts on disk, trained and evaluated by `python -m tam_jax.main` processes.
+pytestmark = pytest.mark.e2e
 
 # A few steps of `tiny` on 2-frame, 28-pixel clips, 2-way 1-shot with one query: seconds, not minutes.
 TINY = [
@@ -113,7 +116,7 @@ def test_an_imported_backbone_is_evaluated_on_otam_lists_over_split_folders(data
     done = run_main("--config=configs/ssv2_full.py", f"--workdir={workdir}", "--mode=eval",
                     f"--config.model.init_from={imported_tiny}", f"--config.data.root={data / 'ssv2'}",
                     f"--config.data.split_dir={data / 'lists'}", *TINY)
-    assert "evaluating the backbone config.model.init_from=" in done.stdout
+    assert "evaluating the backbone config.model.init_from=" in done.stderr  # a log message
     assert library_warnings(done.stderr) == []
     results = json.loads((workdir / "results.json").read_text())
     assert {r["scorer"] for r in results} == set(fewshot.SCORERS)
@@ -128,10 +131,10 @@ def test_eval_without_checkpoint_or_backbone_says_what_to_do(data, tmp_path):
     config.data.num_frames, config.mesh.num_devices = 2, 1
     config.model.init_from = ""
     with pytest.raises(FileNotFoundError, match="or set --config.model.init_from=DIR to evaluate an"):
-        evaluate.evaluate_checkpoint(config, str(tmp_path / "empty"))
+        eval_workdir.evaluate_workdir(config, str(tmp_path / "empty"))
     config.model.init_from = str(tmp_path / "no_weights")
     with pytest.raises(FileNotFoundError, match="is not a backbone directory: train first"):
-        evaluate.evaluate_checkpoint(config, str(tmp_path / "empty"))
+        eval_workdir.evaluate_workdir(config, str(tmp_path / "empty"))
 
 
 def test_tfds_builders_read_split_folders_and_lists_over_them(data):

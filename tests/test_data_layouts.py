@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tam_jax.configuration import validate
+from tam_jax.config_checks import validate
 from tam_jax.data.clips import ClipSpec
 from tam_jax.data.episodes import EpisodeSampler
 from tam_jax.data.frames import list_frames, read_frames

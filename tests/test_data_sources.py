@@ -194,6 +194,7 @@ def test_build_source_from_plain_values(tmp_path):
         build_source("hdf5", "train")
 
 
+@pytest.mark.e2e
 def test_importing_the_package_loads_neither_pyav_nor_tfds():
     code = "import sys, tam_jax.data as d; d.ClipSpec; d.build_source; d.TrainBatches; " + (
         "print(sorted(m for m in ('av', 'tensorflow_datasets') if m in sys.modules))"

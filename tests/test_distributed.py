@@ -43,6 +43,7 @@ def run(command, env, timeout=420):
     return result
 
 
+@pytest.mark.e2e
 def test_two_processes_train_like_one_process_on_as_many_devices(tmp_path):
     config = tiny_config(num_steps=4)
     config.train.optimizer = "sgd"  # Adam's sign-like first steps would magnify reduction-order noise
@@ -72,6 +73,7 @@ def test_two_processes_train_like_one_process_on_as_many_devices(tmp_path):
     assert len(val_two) == len(val_one) == 2
 
 
+@pytest.mark.e2e
 def test_a_failing_process_stops_the_others(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     result = subprocess.run(

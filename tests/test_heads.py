@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tam_jax import evaluate, fewshot, heads, hosts, models, train_state, train_step
-from tam_jax.configuration import validate
+from tam_jax.config_checks import validate
 from tests.helpers import tiny_config
 from tests.test_train import synthetic_batch
 
@@ -53,8 +53,8 @@ def test_cmn_and_mean_pooling_ignore_frame_order():
     np.testing.assert_allclose(head.apply({"params": params}, frames[:, order]), out, rtol=1e-5, atol=1e-5)
     # TSN++'s mean pooling: class distances do not change either.
     query, support = frames[:1], frames
-    tsn = fewshot.class_distances(query, support, way=3, shot=1, method="tsn")
-    tsn_permuted = fewshot.class_distances(query[:, order], support[:, order], way=3, shot=1, method="tsn")
+    tsn = fewshot.class_distances(query, support, way=3, shot=1, scorer="tsn")
+    tsn_permuted = fewshot.class_distances(query[:, order], support[:, order], way=3, shot=1, scorer="tsn")
     np.testing.assert_allclose(tsn, tsn_permuted, rtol=1e-5, atol=1e-6)
 
 
@@ -75,15 +75,15 @@ def test_learned_scorers_match_prototypes_or_the_nearest_support_video():
         assert trn[i, c] == pytest.approx(1 - cos(query[i], members.mean(0)), abs=1e-5)
         assert cmn[i, c] == pytest.approx(1 - max(cos(query[i], m) for m in members), abs=1e-5)
     with pytest.raises(ValueError, match="head_query"):
-        fewshot.class_distances(frames_q, frames_s, way=way, shot=shot, method="cmn")
+        fewshot.class_distances(frames_q, frames_s, way=way, shot=shot, scorer="cmn")
 
 
-@pytest.mark.parametrize("method", ["trn", "cmn"])
-def test_head_trains_a_few_real_steps(method):
+@pytest.mark.parametrize("scorer", ["trn", "cmn"])
+def test_head_trains_a_few_real_steps(scorer):
     config = tiny_config()
     config.mesh.num_devices = 1
     config.train.episodes_per_step = 2
-    config.fewshot.scorer = method
+    config.fewshot.scorer = scorer
     config.head.dim = 16
     validate(config)
     mesh = hosts.make_mesh(config.mesh.num_devices)
@@ -105,7 +105,7 @@ def test_head_trains_a_few_real_steps(method):
     # Documented shapes: frame features [..., T, D] -> [..., dim] (TRN++) or [..., M * dim] (CMN++).
     head = heads.build_head(config)
     features = jnp.ones((2, 5, config.data.num_frames, 128))
-    width = 16 if method == "trn" else 16 * config.head.cmn_saliencies
+    width = 16 if scorer == "trn" else 16 * config.head.cmn_saliencies
     assert heads.video_embeddings(head, trained, features).shape == (2, 5, width)
     cached = heads.embed_features(head, trained, np.ones((7, config.data.num_frames, 128), np.float32), 4)
     assert cached.shape == (7, width)

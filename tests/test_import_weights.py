@@ -159,6 +159,7 @@ def test_unreadable_sources_are_explained(tmp_path, capsys):
     assert "nope.pth" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_package_does_not_import_torch():
     code = (
         "import sys, tam_jax.models, tam_jax.tools.import_weights; "
@@ -231,6 +232,7 @@ def test_torchvision_features_are_reproduced(arch, shape, tmp_path):
         assert _relative_error(per_frame[0], want) < 1e-4
 
 
+@pytest.mark.e2e
 def test_command_line(tmp_path, capsys):
     state = _random_state("resnet18", seed=2)
     src = tmp_path / "resnet18.safetensors"
@@ -250,7 +252,7 @@ def test_command_line(tmp_path, capsys):
     ]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "resnet18" in done.stdout
+    assert "resnet18" in done.stderr  # "wrote resnet18 backbone ...", logged
 
     backbone, variables = load_backbone(out)
     assert backbone.arch == "resnet18"
@@ -358,7 +360,7 @@ def test_data_parallel_prefix_and_an_explicit_prefix(tmp_path):
     mixed = {**{f"module.backbone.{k}": v.numpy() for k, v in resnet.state_dict().items()},
              "queue": np.zeros((4, 8), np.float32)}
     assert ("module.backbone.", "torchvision") in iw.backbone_candidates(mixed)
-    backbone = iw.select_backbone(mixed, "resnet18")
+    backbone = iw.select_backbone(mixed)
     assert backbone.prefix == "module.backbone." and "conv1.weight" in backbone.state
 
 
@@ -391,35 +393,41 @@ def test_two_complete_resnets_need_a_prefix(tmp_path):
     model.encoder_q, model.encoder_k = query, key
     src = tmp_path / "moco.pth"
     torch.save({"state_dict": torch.nn.DataParallel(model).state_dict(), "epoch": 200}, src)
-    with pytest.raises(ValueError, match="2 complete resnet18 backbones") as info:
+    with pytest.raises(iw.WeightsFileError, match=r"pass --prefix=<one of them>") as info:
         iw.import_weights(src, "resnet18", tmp_path / "x")
-    assert "'encoder_k.' (torchvision)" in str(info.value) and "--prefix" in str(info.value)
+    assert "'encoder_k.', 'encoder_q.'" in str(info.value)
     args = ["--src", str(src), "--arch", "resnet18", "--out", str(tmp_path / "out"), "--prefix",
             "module.encoder_q."]
     assert iw.main(args) == 0
     assert _check_import(src, query, tmp_path, prefix="encoder_q.")["prefix"] == "encoder_q."
 
 
-def test_an_unmatched_file_lists_the_prefixes_and_layouts_it_saw(tmp_path):
+def test_resnets_under_two_prefixes_are_an_error_naming_both_until_one_is_passed(tmp_path, capsys):
+    """A distillation checkpoint: a ResNet-18 student and a ResNet-34 teacher; nothing is guessed."""
+    student = _random_state("resnet18", classifier=False)
     state = {
-        **{f"student.{k}": v for k, v in _random_state("resnet18", classifier=False).items()
-           if not k.startswith("layer4.")},
+        **{f"student.{k}": v for k, v in student.items()},
         **{f"teacher.{k}": v for k, v in _random_state("resnet34", classifier=False).items()},
         "head.weight": np.zeros((5, 512), np.float32),
     }
-    with pytest.raises(ValueError) as info:
-        iw.select_backbone(state, "resnet18", source="kd.safetensors")
-    message = str(info.value)
-    assert "kd.safetensors holds no single complete torchvision or nn.Sequential resnet18" in message
-    assert "'student.' (torchvision layout" in message and "missing" in message
-    assert "'teacher.' (torchvision layout" in message and "fits resnet34" in message
-    assert "--prefix teacher. would select it" in message
-    assert "head.* (1 keys)" in message
+    src = tmp_path / "kd.safetensors"
+    save_file(state, str(src))
+    args = ["--src", str(src), "--arch", "resnet18", "--out", str(tmp_path / "out")]
+    assert iw.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "under each of the key prefixes 'student.', 'teacher.': pass --prefix=<one of them>." in err
+    assert iw.main([*args, "--prefix=student."]) == 0
+    _, variables = load_backbone(tmp_path / "out")
+    jax.tree.map(np.testing.assert_array_equal, variables, iw.convert_state_dict(student, "resnet18"))
     # The prefix that fits another architecture, chosen: the usual strict error naming keys and arch.
     with pytest.raises(ValueError, match="pass --arch resnet34"):
-        iw.convert_state_dict(iw.select_backbone(state, "resnet18", prefix="teacher").state, "resnet18")
-    with pytest.raises(ValueError, match="No key of .* starts with 'nope.'"):
-        iw.select_backbone(state, "resnet18", prefix="nope")
+        iw.convert_state_dict(iw.select_backbone(state, prefix="teacher").state, "resnet18")
+    with pytest.raises(iw.WeightsFileError, match=r"'nope.' \(ResNets under: 'student.', 'teacher.'\)"):
+        iw.select_backbone(state, prefix="nope")
+    # No ResNet anywhere: the top level is read, and the strict error names the keys.
+    with pytest.raises(ValueError, match=r"Missing keys: .*conv1\.weight.*Unexpected keys: head\.weight"):
+        iw.convert_state_dict(iw.select_backbone({"head.weight": state["head.weight"]}).state, "resnet18")
 
 
 def test_a_checkpoint_without_a_known_wrapper_names_what_it_holds(tmp_path):

@@ -15,24 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tam_jax import checkpoints, evaluate, train
+from tam_jax import checkpoints, eval_workdir, results, train
 from tam_jax.files import atomic_write, write_text
 from tam_jax.metrics_log import MetricsLog
 from tam_jax.workdir_lock import WorkdirBusyError, hold_workdir
-from tests.helpers import REPO, flags_for, read_params, tiny_config
-
-
-def small_config(num_steps=4):
-    """Tiny demo training on one device, a checkpoint every 2 steps, validation at step 3 and the end."""
-    config = tiny_config(num_steps=num_steps)
-    config.mesh.num_devices = 1
-    config.train.episodes_per_step = 1
-    config.train.checkpoint_every_steps = 2
-    config.train.val_every_steps = 3
-    config.train.val_episodes = 8
-    config.eval.num_episodes = 16
-    config.eval.episodes_per_batch = 8
-    return config
+from tests.helpers import REPO, flags_for, read_params, small_config
 
 
 def command(config, *, mode="train_and_eval"):
@@ -41,9 +28,6 @@ def command(config, *, mode="train_and_eval"):
 
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
-# Restores of damaged folders leave Orbax's failed asyncio tasks behind; their "never retrieved" noise is
-# expected here, not a failure.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -66,8 +50,8 @@ def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path):
 def test_results_and_support_caches_are_written_atomically(tmp_path, monkeypatch):
     from tam_jax.inference import SupportSet
 
-    records = evaluate.result_records({"tam": np.array([1.0, 0.0])}, split="test", way=5, shot=1)
-    evaluate.write_results(tmp_path / "results.json", records)
+    records = results.result_records({"tam": np.array([1.0, 0.0])}, split="test", way=5, shot=1)
+    results.write_results(tmp_path / "results.json", records)
     support = SupportSet(("a",), np.zeros((1, 2, 3), np.float32), np.zeros(1, np.int64), ("a.mp4",), {})
     support.save(tmp_path / "support.npz")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
@@ -77,7 +61,7 @@ def test_results_and_support_caches_are_written_atomically(tmp_path, monkeypatch
 
     monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError):
-        evaluate.write_results(tmp_path / "results.json", records * 2)
+        results.write_results(tmp_path / "results.json", records * 2)
     with pytest.raises(OSError):
         support.save(tmp_path / "support.npz")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
@@ -128,6 +112,7 @@ def tensorboard_scalars(directory: Path) -> dict[str, list[int]]:
 # Stop signals and hard kills.
 
 
+@pytest.mark.e2e
 def test_sigterm_saves_exits_143_and_writes_no_results_then_the_run_resumes(tmp_path):
     config = small_config(num_steps=40)
     config.train.val_every_steps = 0
@@ -188,6 +173,7 @@ def reference_run(tmp_path_factory):
     return config, workdir
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("point", "n"), [("checkpoint_file", 3), ("log", 3)])
 def test_a_hard_kill_then_the_same_command_ends_as_an_uninterrupted_run(reference_run, tmp_path, point, n):
     config, reference = reference_run
@@ -197,6 +183,7 @@ def test_a_hard_kill_then_the_same_command_ends_as_an_uninterrupted_run(referenc
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_hard_kills_at_many_points_of_one_run(reference_run, tmp_path):
     """One workdir killed again and again, at a different point each time, then finished."""
     config, reference = reference_run
@@ -211,14 +198,8 @@ def test_hard_kills_at_many_points_of_one_run(reference_run, tmp_path):
 # Damaged checkpoints.
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished tiny run with checkpoints at steps 2 and 4 (and its parameters at each)."""
-    config = small_config()
-    config.train.val_every_steps = 0
-    workdir = tmp_path_factory.mktemp("trained")
-    train.train(config, str(workdir))
-    return config, workdir
+# `trained` (tests/conftest.py): the session's finished tiny run, checkpoints at steps 2 and 4. Each test
+# below copies it before changing anything.
 
 
 def damage(step_dir: Path, how: str) -> None:
@@ -235,8 +216,9 @@ def damage(step_dir: Path, how: str) -> None:
         (step_dir / "state" / "_METADATA").write_text("{not json")
 
 
+@pytest.mark.e2e  # the damaged run is then trained to its end
 @pytest.mark.parametrize("how", ["missing", "garbage", "truncated", "metadata"])
-def test_a_damaged_checkpoint_is_reported_and_the_previous_one_restored(trained, tmp_path, how, capsys):
+def test_a_damaged_checkpoint_is_reported_and_the_previous_one_restored(trained, tmp_path, how, caplog):
     config, source = trained
     workdir = tmp_path / "run"
     shutil.copytree(source, workdir)
@@ -246,7 +228,7 @@ def test_a_damaged_checkpoint_is_reported_and_the_previous_one_restored(trained,
     state = manager.restore_latest(target)
     manager.close()
     assert int(state.step) == 2
-    assert "skipped damaged step(s) 4" in capsys.readouterr().out
+    assert "skipped damaged step(s) 4" in caplog.text  # a warning of tam_jax.checkpoints
     assert not (workdir / "checkpoints" / "4").exists()  # moved aside, so the run can write step 4 again
     assert [p.name.split("-")[0] for p in (workdir / checkpoints.DAMAGED_DIR).iterdir()] == ["4"]
     # The run resumes from step 2 and ends where the undamaged run did.
@@ -264,14 +246,14 @@ def test_evaluation_and_prediction_skip_a_damaged_checkpoint_and_none_good_stops
     workdir = tmp_path / "run"
     shutil.copytree(source, workdir)
     damage(workdir / "checkpoints" / "4", "garbage")
-    records = evaluate.evaluate_checkpoint(config, str(workdir))
+    records = eval_workdir.evaluate_workdir(config, str(workdir))
     assert {r["checkpoint_step"] for r in records} == {2}
     assert load_trained_model(workdir).step == 2
     with pytest.raises(checkpoints.CheckpointDamagedError, match="step 4"):  # named explicitly: not replaced
         load_trained_model(workdir / "checkpoints" / "4")
     damage(workdir / "checkpoints" / "2", "missing")
     with pytest.raises(checkpoints.CheckpointDamagedError, match=r"step 4: .*step 2: .*delete"):
-        evaluate.evaluate_checkpoint(config, str(workdir))
+        eval_workdir.evaluate_workdir(config, str(workdir))
     with pytest.raises(checkpoints.CheckpointDamagedError):
         train.train(config, str(workdir))
     assert (workdir / "checkpoints" / "4").exists()  # nothing moved when nothing could be restored
@@ -309,6 +291,7 @@ HOLD = "import sys, time; from tam_jax.workdir_lock import hold_workdir\nwith ho
        "    print('held', flush=True); time.sleep(300)"
 
 
+@pytest.mark.e2e
 def test_a_second_run_on_a_live_workdir_stops_at_once_and_a_dead_runs_lock_is_taken_over(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE)
     assert holder.stdout.readline().strip() == b"held"
@@ -325,6 +308,7 @@ def test_a_second_run_on_a_live_workdir_stops_at_once_and_a_dead_runs_lock_is_ta
         assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
 
 
+@pytest.mark.e2e  # a whole run from scratch, until its save at step 4 fails
 def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     from etils import epath
 

@@ -21,7 +21,7 @@ from tests.helpers import tiny_config
 WAY = 5
 
 
-def learning_config(method: str, num_steps: int = 6):
+def learning_config(scorer: str, num_steps: int = 6):
     """5-way 1-shot, 1 query per class, T=4 frames of 16 pixels, 2 episodes a step on 1 device, Adam."""
     config = tiny_config(num_steps=num_steps)
     config.mesh.num_devices = 1
@@ -31,7 +31,7 @@ def learning_config(method: str, num_steps: int = 6):
     config.train.optimizer = "adam"
     config.train.schedule = "constant"
     config.train.learning_rate = 1e-2
-    config.fewshot.scorer = method
+    config.fewshot.scorer = scorer
     config.head.dim = 16
     return config
 
@@ -55,7 +55,7 @@ def fixed_batch(config, noise: float = 60.0, seed: int = 0) -> dict:
 def distance_fn(config, model):
     """A jitted `(params, batch_stats, batch) -> [E, Nq, way]` class distances of the batch's queries, the
     videos embedded as the train step embeds them (BatchNorm on the batch's statistics)."""
-    method, lam = config.fewshot.scorer, config.alignment.lam
+    scorer, lam = config.fewshot.scorer, config.alignment.lam
     way, shot = config.fewshot.way, config.fewshot.shot
     head = heads.build_head(config)
 
@@ -71,7 +71,7 @@ def distance_fn(config, model):
         if head is not None:
             vectors = heads.video_embeddings(head, params["head"], features)
             head_query, head_support = vectors[:, num_support:], vectors[:, :num_support]
-        score = functools.partial(fewshot.class_distances, way=way, shot=shot, method=method, lam=lam)
+        score = functools.partial(fewshot.class_distances, way=way, shot=shot, scorer=scorer, lam=lam)
         query, support = features[:, num_support:], features[:, :num_support]
         return jax.vmap(score)(query, support, head_query, head_support), features
 
@@ -119,11 +119,11 @@ def test_eq8_by_hand_on_a_two_way_episode():
     assert float(fewshot.accuracy(logits, jnp.array([0, 0]))) == 0.5
 
 
-@pytest.mark.parametrize(("method", "temperature", "scale"), [("tsn", 2.0, 4), ("tam", 0.5, 1)])
-def test_episode_loss_is_eq8_by_hand_with_temperature_and_logit_scale(method, temperature, scale):
+@pytest.mark.parametrize(("scorer", "temperature", "scale"), [("tsn", 2.0, 4), ("tam", 0.5, 1)])
+def test_episode_loss_is_eq8_by_hand_with_temperature_and_logit_scale(scorer, temperature, scale):
     # TSN++: the distance is one cosine in [0, 2], multiplied by T = 4 (fewshot.logit_scale "paper"); TAM's
     # sums T cosines and keeps scale 1.
-    config = learning_config(method)
+    config = learning_config(scorer)
     config.fewshot.temperature = temperature
     batch = fixed_batch(config)
     model = models.build_embedder(config.model)
@@ -132,7 +132,7 @@ def test_episode_loss_is_eq8_by_hand_with_temperature_and_logit_scale(method, te
     loss_fn = jax.jit(functools.partial(train_step.episode_loss, model=model, config=config))
     loss, (_, metrics) = loss_fn(state.params, state.batch_stats, batch)
     distances, features = distance_fn(config, model)(state.params, state.batch_stats, batch)
-    if method == "tsn":  # TSN++ by hand: 1 - cos(mean-pooled query, the class's mean-pooled support)
+    if scorer == "tsn":  # TSN++ by hand: 1 - cos(mean-pooled query, the class's mean-pooled support)
         pooled = features.mean(axis=2)
         unit = pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
         by_hand = 1 - np.einsum("eqd,esd->eqs", unit[:, WAY:], unit[:, :WAY])
@@ -142,9 +142,9 @@ def test_episode_loss_is_eq8_by_hand_with_temperature_and_logit_scale(method, te
     assert float(metrics["accuracy"]) == pytest.approx(nearest_class_accuracy(distances, labels))
 
 
-@pytest.mark.parametrize("method", fewshot.ALL_SCORERS)
-def test_a_few_steps_on_a_fixed_batch_fit_it(method):
-    config = learning_config(method)
+@pytest.mark.parametrize("scorer", fewshot.ALL_SCORERS)
+def test_a_few_steps_on_a_fixed_batch_fit_it(scorer):
+    config = learning_config(scorer)
     batch = fixed_batch(config)
     labels = batch["query_labels"]
     model, initial, final, history = train_on_fixed_batch(config, batch)
@@ -155,15 +155,15 @@ def test_a_few_steps_on_a_fixed_batch_fit_it(method):
     assert eq8_loss(after, labels, 1.0) < eq8_loss(before, labels, 1.0) - 0.1
     assert nearest_class_accuracy(after, labels) >= 0.8 > 1 / WAY
     floor = fewshot.loss_floor(WAY, 2.0)
-    if method in (*fewshot.SUMMING_SCORERS, *fewshot.BASELINE_SCORERS):
+    if scorer in (*fewshot.SUMMING_SCORERS, *fewshot.BASELINE_SCORERS):
         assert history[-1]["loss"] < 0.5 * history[0]["loss"]
     else:  # bounded below by the floor: 1.56 -> 0.97 for mean and diagonal when written
         assert history[-1]["loss"] < history[0]["loss"] - 0.3
-    if method in fewshot.BASELINE_SCORERS:
+    if scorer in fewshot.BASELINE_SCORERS:
         # At scale 1 a [0, 2] distance cannot give a 5-way loss below log(1 + 4 e^-2) = 0.43 (so the
         # baselines trained weakly); scaled by T (fewshot.logit_scale "paper" for the baselines) it can.
         assert history[-1]["loss"] < floor
-    elif method not in fewshot.SUMMING_SCORERS:  # Table 2's diagonal, mean, min: Eq. 8 at scale 1
+    elif scorer not in fewshot.SUMMING_SCORERS:  # Table 2's diagonal, mean, min: Eq. 8 at scale 1
         assert min(record["loss"] for record in history) >= floor - 1e-4
 
 

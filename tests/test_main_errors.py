@@ -3,14 +3,15 @@ status, no traceback, checked before any compute and with nothing left behind.""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from tam_jax import configuration, train
-from tam_jax.configuration import KEY_DOMAINS, ConfigError
-from tam_jax.errors import UserError
+from tam_jax import config_checks, configuration
+from tam_jax.config_checks import KEY_DOMAINS
+from tam_jax.errors import ConfigError, UserError
 from tam_jax.workdir_lock import hold_workdir
 from tests.helpers import REPO, flags_for, load_config, tiny_config
 
@@ -56,6 +57,7 @@ BAD_COMMANDS = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("args", "status", "words"), BAD_COMMANDS, ids=lambda v: str(v)[:40])
 def test_a_bad_config_is_one_line_before_anything_is_written(tmp_path, args, status, words):
     workdir = tmp_path / "run"
@@ -64,6 +66,7 @@ def test_a_bad_config_is_one_line_before_anything_is_written(tmp_path, args, sta
     assert not workdir.exists()  # no workdir holding only run.lock
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("config_arg", "words"), [
     ("shot=abc", ["shot=abc", "an integer"]),
     ("shots=5", ["shots=5", "shot=N, way=N"]),
@@ -73,6 +76,7 @@ def test_a_bad_config_string_names_the_argument(tmp_path, config_arg, words):
     assert_one_error(result, 2, *words)
 
 
+@pytest.mark.e2e
 def test_a_missing_config_file_is_one_line(tmp_path):
     result = run_main("--config=configs/no_such.py", f"--workdir={tmp_path}")
     assert_one_error(result, 2, "--config=configs/no_such.py", "cannot load")
@@ -112,14 +116,15 @@ def test_every_key_domain_is_checked_and_named(key):
     assert refused, key
     config[section][name] = refused[0]
     with pytest.raises(ConfigError, match=rf"^config\.{key}: must be"):
-        configuration.check_domains(config)
+        config_checks.check_domains(config)
 
 
 def test_the_shipped_configs_lie_inside_every_domain():
     for name in ("demo", "folder", "kinetics", "ssv2_full", "ssv2_small", "ucf101", "hmdb51"):
-        configuration.check_domains(load_config(name))
+        config_checks.check_domains(load_config(name))
 
 
+@pytest.mark.e2e
 def test_a_workdir_that_cannot_be_used_is_one_line(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("")
@@ -132,27 +137,25 @@ def test_a_workdir_that_cannot_be_used_is_one_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# A trained workdir: evaluation of another architecture, of a step number.
+# A trained workdir (`trained`, tests/conftest.py: checkpoints at steps 2 and 4), copied: evaluation writes
+# to it. Evaluation of another architecture, of a step number.
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    config = tiny_config(num_steps=4)
-    config.train.val_every_steps = 0
-    workdir = tmp_path_factory.mktemp("trained")
-    train.train(config, str(workdir))
-    return config, workdir
-
-
-def test_eval_of_a_checkpoint_of_another_architecture_is_one_line(trained):
-    config, workdir = trained
+@pytest.mark.e2e
+def test_eval_of_a_checkpoint_of_another_architecture_is_one_line(trained, tmp_path):
+    config, source = trained
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
     result = run_main("--config=configs/demo.py", *flags_for(config), f"--workdir={workdir}", "--mode=eval",
                       "--config.model.arch=resnet18")
     assert_one_error(result, 1, "model.arch='resnet18'", str(workdir))
 
 
-def test_eval_checkpoint_takes_a_step_number(trained):
-    config, workdir = trained
+@pytest.mark.e2e
+def test_eval_checkpoint_takes_a_step_number(trained, tmp_path):
+    config, source = trained
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
     result = run_main("--config=configs/demo.py", *flags_for(config), f"--workdir={workdir}", "--mode=eval",
                       "--config.eval.checkpoint=2")
     assert result.returncode == 0, result.stderr[-3000:]

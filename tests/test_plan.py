@@ -169,7 +169,7 @@ def test_a_resumed_run_takes_its_stored_plan_and_says_what_to_do_when_it_cannot(
 
 
 def test_plan_mode_prints_a_pasteable_plan_for_every_shipped_config(tmp_path):
-    names = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
+    names = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "common")  # not a config
     assert {"demo", "kinetics", "ssv2_full", "ssv2_small", "ucf101", "hmdb51", "folder"} <= set(names)
     for name in names:
         for arg in ([None, "shot=5"] if name != "demo" and name != "folder" else [None]):
@@ -194,6 +194,7 @@ def run_main(args, devices, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.e2e
 def test_plan_mode_on_the_command_line_and_a_plan_that_cannot_run_in_one_line(tmp_path):
     result = run_main(["--config=configs/demo.py", f"--workdir={tmp_path}", "--mode=plan"], devices=3)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -217,6 +218,7 @@ SMALL_DEMO = ["--config=configs/demo.py", "--config.data.demo.videos_per_class=6
               "--config.eval.episodes_per_batch=20"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("devices", "used"), [(1, 1), (2, 2), (3, 2), (4, 4), (8, 4)])
 def test_the_demo_runs_unchanged_on_any_device_count(tmp_path, devices, used):
     result = run_main([*SMALL_DEMO, f"--workdir={tmp_path}"], devices)
@@ -227,6 +229,7 @@ def test_the_demo_runs_unchanged_on_any_device_count(tmp_path, devices, used):
     assert (tmp_path / "results.json").exists()
 
 
+@pytest.mark.e2e
 def test_two_processes_run_the_demo_unchanged(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
@@ -237,6 +240,7 @@ def test_two_processes_run_the_demo_unchanged(tmp_path):
     assert (tmp_path / "results.json").exists()
 
 
+@pytest.mark.e2e  # a whole (2-step) training run
 def test_a_memory_budget_compiles_once_and_trains_with_that_executable(tmp_path, monkeypatch):
     config = tiny_config(num_steps=2)
     config.mesh.num_devices = 1
@@ -271,6 +275,7 @@ class RecordingBar:
         pass
 
 
+@pytest.mark.e2e  # a whole (6-step) training run
 def test_the_progress_bar_counts_finished_steps(tmp_path, monkeypatch):
     config = tiny_config(num_steps=6)
     config.train.val_every_steps = 0

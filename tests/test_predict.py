@@ -128,9 +128,10 @@ def test_cli_classifies_reports_bad_queries_and_reuses_the_support_cache(run, tm
     assert counts == {run.classes[0]: 2, run.classes[1]: 1, run.classes[2]: 3}
     assert support.embeddings.shape[:2] == (6, 4) and support.embeddings.dtype == np.float32
     assert support.metadata["arch"] == "tiny" and support.metadata["num_frames"] == 4
-    assert support.metadata["checkpoint_step"] == 2 and support.metadata["method"] == "tam"
+    assert support.metadata["checkpoint_step"] == 2 and support.metadata["scorer"] == "tam"
 
 
+@pytest.mark.e2e
 def test_subprocess_writes_the_same_predictions(run, tmp_path):
     expected = FewShotClassifier.from_checkpoint(run.workdir, progress=False).fit(run.support)
     expected.support.save(tmp_path / "support.npz")
@@ -152,12 +153,12 @@ def test_subprocess_writes_the_same_predictions(run, tmp_path):
 def test_python_api_with_a_mapping_a_step_folder_and_hard_tam(run, tmp_path):
     step_one = run.workdir / "checkpoints" / "1"
     classifier = FewShotClassifier.from_checkpoint(step_one, lam=0.0, progress=False)
-    assert classifier.model.step == 1 and classifier.scorer == {
-        "method": "tam", "lam": 0.0, "bidirectional": False}
+    assert classifier.model.step == 1 and classifier.settings == {
+        "scorer": "tam", "lam": 0.0, "bidirectional": False}
     with pytest.raises(RuntimeError, match="fit"):
         classifier.predict(run.queries[0])
     with pytest.raises(ValueError, match="learned 'trn' head"):
-        FewShotClassifier(classifier.model, method="trn")
+        FewShotClassifier(classifier.model, scorer="trn")
     only_clip = str(run.support / run.classes[1] / "a")
     support = {
         "first": [str(run.support / run.classes[0] / "a.mp4"), run.corrupt],
@@ -242,25 +243,25 @@ def test_class_distances_average_any_number_of_clips_per_class():
     query = rng.normal(size=(3, 5, 8)).astype(np.float32)
     support = rng.normal(size=(6, 5, 8)).astype(np.float32)
     equal = np.repeat(np.arange(3), 2)
-    static = ("way", "shot", "method", "lam", "bidirectional")
+    static = ("way", "shot", "scorer", "lam", "bidirectional")
     reference = jax.jit(fewshot.class_distances, static_argnames=static)
-    for method, bidirectional in [("tam", False), ("tam", True), ("tsn", False)]:
-        settings = dict(method=method, lam=0.1, bidirectional=bidirectional)
+    for scorer, bidirectional in [("tam", False), ("tam", True), ("tsn", False)]:
+        settings = dict(scorer=scorer, lam=0.1, bidirectional=bidirectional)
         expected = reference(query, support, way=3, shot=2, **settings)
         got = class_distances(query, support, equal, 3, **settings)
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6, err_msg=method)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6, err_msg=scorer)
 
     labels = np.array([2, 0, 0, 0, 1, 2])  # 3, 1 and 2 clips, in any order
     # lam = 0, the hard minimum (alignment.pairwise_distance would trace lam and give NaN).
     per_clip = np.asarray(jax.jit(alignment.tam_distance, static_argnames="lam")(
         alignment.cosine_distance(query[:, None], support[None]), lam=0))
     expected = np.stack([per_clip[:, labels == c].mean(axis=1) for c in range(3)], axis=1)
-    got = class_distances(query, support, labels, 3, method="tam", lam=0.0)
+    got = class_distances(query, support, labels, 3, scorer="tam", lam=0.0)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     pooled = jax.numpy.mean(support, axis=1)
     prototypes = np.stack([pooled[labels == c].mean(axis=0) for c in range(3)])
     np.testing.assert_allclose(
-        class_distances(query, support, labels, 3, method="tsn"),
+        class_distances(query, support, labels, 3, scorer="tsn"),
         alignment.cosine_distance(query.mean(axis=1), prototypes), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="support clip"):
         class_distances(query, support, labels, 4)

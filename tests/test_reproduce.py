@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tam_jax import evaluate, reproduce, train
+from tam_jax import eval_workdir, reproduce, train
 from tests.helpers import REPO, flags_for, tiny_config
 
 
@@ -20,6 +20,7 @@ def tiny_table_config():
     return config
 
 
+@pytest.mark.e2e  # four whole runs, then tam_jax.reproduce as a process
 def test_tables_train_every_run_once_then_reuse_it(tmp_path, monkeypatch):
     config = tiny_table_config()
     cells = reproduce.reproduce(config, str(tmp_path), table=1, shots=(1,))
@@ -42,7 +43,7 @@ def test_tables_train_every_run_once_then_reuse_it(tmp_path, monkeypatch):
 
     with monkeypatch.context() as patch:
         patch.setattr(train, "train", fail)
-        patch.setattr(evaluate, "evaluate_checkpoint", fail)
+        patch.setattr(eval_workdir, "evaluate_workdir", fail)
         assert reproduce.reproduce(config, str(tmp_path), table=1, shots=(1,)) == cells
 
     # Table 2 from the command line: the TAM run is Table 1's, scored with every alignment scorer.
@@ -61,20 +62,20 @@ def test_tables_train_every_run_once_then_reuse_it(tmp_path, monkeypatch):
     config.train.num_steps = 3
     trained = []
     monkeypatch.setattr(train, "train", lambda run, workdir: trained.append((run.fewshot.scorer, workdir)))
-    reproduce.reproduce(config, str(tmp_path), table=1, shots=(1,), methods=("tsn",))
+    reproduce.reproduce(config, str(tmp_path), table=1, shots=(1,), scorers=("tsn",))
     assert trained == [("tsn", str(tmp_path / "tsn_1shot"))]
 
     # A run trained with another config is not silently mixed into the table.
     config.fewshot.temperature = 0.5
     with pytest.raises(ValueError, match=r"fewshot.temperature=1.0 \(now 0.5\).*another --workdir"):
-        reproduce.reproduce(config, str(tmp_path), table=1, shots=(1,), methods=("tsn",))
+        reproduce.reproduce(config, str(tmp_path), table=1, shots=(1,), scorers=("tsn",))
 
 
 def test_table_layout_published_numbers_and_errors():
     cell = reproduce.Cell("tam", 1, 0.5, 0.01, 100, 7, "runs/x/tam_1shot")
     cells = {(s, k): cell for s, _ in reproduce.TABLE1 for k in (1, 5)}
     text = reproduce.format_markdown(1, reproduce.TABLE1, (1, 5), cells, "kinetics")
-    assert "| method | 1-shot | 1-shot (paper) | 5-shot | 5-shot (paper) |" in text
+    assert "| scorer | 1-shot | 1-shot (paper) | 5-shot | 5-shot (paper) |" in text
     assert "| TAM | 50.0 ± 1.0 | 73.0 | 50.0 ± 1.0 | 85.8 |" in text
     assert "| TSN++ | 50.0 ± 1.0 | 64.5 | 50.0 ± 1.0 | 77.9 |" in text
     assert "| MAML (quoted) | not trained | 54.2 | not trained | 75.3 |" in text  # from CMN's paper
@@ -83,6 +84,6 @@ def test_table_layout_published_numbers_and_errors():
     config.data.tfds_name = "ssv2_fewshot/full"
     assert reproduce.dataset_key(config) == "ssv2_full"
     assert reproduce.dataset_key(config, "none") is None
-    with pytest.raises(ValueError, match="--methods"):
+    with pytest.raises(ValueError, match="--scorers"):
         reproduce.table_rows(2, ("trn",))
     assert reproduce.run_config(config, "cmn", 5, ("cmn",)).eval.scorers == "cmn"

@@ -90,6 +90,7 @@ def test_a_class_without_a_readable_video_stops_the_run_before_step_1(tmp_path, 
     assert not (workdir / "train_log.jsonl").exists()
 
 
+@pytest.mark.e2e
 def test_through_the_command_line_a_broken_test_class_is_one_line_before_step_1(tmp_path):
     from tests.helpers import flags_for
     from tests.test_main_errors import assert_one_error, run_main

@@ -148,9 +148,10 @@ def test_import_weights_says_a_directory_src_is_a_directory(tmp_path, capsys):
 # tam_jax.reproduce (absl: run as a subprocess)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("flag, words", [
     ("--shots=abc", ["error: --shots=abc: expected comma-separated integers, e.g. --shots=1,5"]),
-    ("--methods=bogus", ["--methods=bogus", "bogus is not a row of Table 1", "tsn, cmn, trn, tam"]),
+    ("--scorers=bogus", ["--scorers=bogus", "bogus is not a row of Table 1", "tsn, cmn, trn, tam"]),
 ])
 def test_reproduce_names_a_bad_flag_before_any_compute(flag, words, tmp_path):
     workdir = tmp_path / "tables"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,11 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tam_jax import evaluate, hosts, models, train, train_state, train_step
-from tam_jax.configuration import validate
+from tam_jax import eval_workdir, evaluate, hosts, models, train, train_state, train_step
+from tam_jax.config_checks import validate
 from tests.helpers import REPO, flags_for, load_config, read_params, tiny_config
 
 
+@pytest.mark.e2e  # a whole run: training with validation, then evaluation of every scorer at two shots
 def test_train_and_evaluate_writes_checkpoints_logs_and_results(tmp_path, monkeypatch):
     config = tiny_config()
     config.mesh.num_devices = 1
@@ -24,7 +26,7 @@ def test_train_and_evaluate_writes_checkpoints_logs_and_results(tmp_path, monkey
     config.eval.shots = "1,2"
     monkeypatch.chdir(tmp_path.parent)  # a relative workdir, as users type it
     train.train(config, tmp_path.name)
-    records = evaluate.evaluate_checkpoint(config, tmp_path.name)
+    records = eval_workdir.evaluate_workdir(config, tmp_path.name)
 
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 6 and 3 in steps  # latest kept, and step 3 holds a validation accuracy
@@ -33,11 +35,15 @@ def test_train_and_evaluate_writes_checkpoints_logs_and_results(tmp_path, monkey
     schedule = train_state.learning_rate_schedule(config)  # logged from the host, at each step's start
     assert [r["learning_rate"] for r in log if "loss" in r] == pytest.approx([schedule(s) for s in range(6)])
     assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
-    validations = {r["step"]: r["val_accuracy"] for r in log if "val_accuracy" in r}
+    # Validation logs the evaluator's named metrics: the run's scorer at its shot selects the best.
+    validations = {r["step"]: r["val_accuracy/tam/1shot"] for r in log if "val_accuracy/tam/1shot" in r}
     assert sorted(validations) == [3, 6]
+    assert all(r["val_ci95/tam/1shot"] >= 0 for r in log if "val_accuracy/tam/1shot" in r)
     from tam_jax.checkpoints import CheckpointManager
 
-    best = CheckpointManager(str(tmp_path / "checkpoints")).best_step()
+    manager = CheckpointManager(str(tmp_path / "checkpoints"))
+    best = manager.best_step()
+    manager.close()
     assert validations[best] == max(validations.values())
     assert list((tmp_path / "tensorboard").iterdir())
 
@@ -51,6 +57,7 @@ def test_train_and_evaluate_writes_checkpoints_logs_and_results(tmp_path, monkey
         assert 0 <= record["accuracy"] <= 1 and record["ci95"] > 0
 
 
+@pytest.mark.e2e
 def test_resume_after_sigterm_ends_where_an_uninterrupted_run_does(tmp_path):
     config = tiny_config(num_steps=8)
     config.train.val_every_steps = 0
@@ -207,11 +214,10 @@ def test_bfloat16_step_keeps_parameters_statistics_and_loss_in_float32():
     assert convs and all(e.invars[0].aval.dtype == jnp.bfloat16 for e in convs)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    config = tiny_config(num_steps=6)
-    config.mesh.num_devices = 1
-    config.train.episodes_per_step = 1
-    config.train.val_every_steps = 0
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_path, monkeypatch):
+    config, finished = trained  # the session's tiny run on one device, finished at its last step
+    shutil.copytree(finished, tmp_path / "good")
+    last_good = config.train.num_steps
     original = train_step.fewshot.cross_entropy
     calls = []
 
@@ -220,14 +226,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         calls.append(1)
         return original(logits, labels) * np.nan
 
-    train.train(config.copy_and_resolve_references(), str(tmp_path / "good"))
     monkeypatch.setattr(train_step.fewshot, "cross_entropy", poisoned)
-    config.train.num_steps = 8
+    config.train.num_steps = last_good + 2
     with pytest.raises(train.StopTraining, match="Non-finite"):
         train.train(config, str(tmp_path / "good"))
     assert calls
     step, _ = read_params(str(tmp_path / "good"), config)
-    assert step == 6
+    assert step == last_good
 
 
 def test_config_errors_name_the_key_before_any_compute(tmp_path):
@@ -237,11 +242,15 @@ def test_config_errors_name_the_key_before_any_compute(tmp_path):
     config = tiny_config()
     config.fewshot.way = 11  # the demo's test split has 10 classes
     with pytest.raises(ValueError, match="10"):
-        evaluate.evaluate_checkpoint(config, str(tmp_path))
+        eval_workdir.evaluate_workdir(config, str(tmp_path))
     config = tiny_config()
     config.fewshot.scorer = "otam"
     with pytest.raises(ValueError, match="config.fewshot.scorer"):
         validate(config)
+
+
+@pytest.mark.e2e
+def test_an_unknown_config_key_on_the_command_line_is_refused(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "tam_jax.main", "--config=configs/demo.py", f"--workdir={tmp_path}",
          "--config.train.no_such_key=1"],
@@ -285,36 +294,3 @@ def test_cached_embeddings_give_the_same_accuracy_as_embedding_each_episode(tmp_
         )
         for i, name in enumerate(scorers):
             assert cached[name][index] == pytest.approx(float(accuracy[i, 0]), abs=1e-6)
-
-
-def test_write_results_merges_by_split_scorer_way_and_shot(tmp_path):
-    path = tmp_path / "results.json"
-    first = evaluate.result_records({"tam": np.array([1.0, 0.0]), "mean": np.array([0.5, 0.5])},
-                                    split="test", way=5, shot=1)
-    evaluate.write_results(path, first)
-    second = evaluate.result_records({"tam": np.array([1.0, 1.0, 0.0])}, split="test", way=5, shot=1)
-    merged = evaluate.write_results(path, second)
-    assert [(r["scorer"], r["episodes"]) for r in merged] == [("mean", 2), ("tam", 3)]
-    assert json.loads(path.read_text()) == merged
-    mean, ci95 = evaluate.mean_and_ci95(np.array([1.0, 1.0, 0.0]))
-    assert mean == pytest.approx(2 / 3)
-    assert ci95 == pytest.approx(1.959964 * np.std([1, 1, 0], ddof=1) / np.sqrt(3))
-    assert "66.67" in evaluate.format_results(merged)
-
-
-def test_renamed_config_keys_still_work_with_a_warning(tmp_path):
-    from tam_jax.checkpoints import read_config
-    from tam_jax.configuration import upgrade_config
-
-    config = tiny_config()
-    config.alignment.method = "mean"  # the old name of fewshot.scorer
-    with pytest.warns(FutureWarning, match="config.fewshot.scorer"):
-        validate(config)
-    assert config.fewshot.scorer == "mean" and config.alignment.method == ""
-    # A workdir written before the rename reads back with the new key, silently.
-    old = tiny_config().to_dict()
-    old["alignment"]["method"] = "plain_dtw"
-    del old["fewshot"]["scorer"]
-    (tmp_path / "config.json").write_text(json.dumps(old))
-    assert read_config(tmp_path).fewshot.scorer == "plain_dtw"
-    assert upgrade_config(tiny_config()).fewshot.scorer == "tam"  # nothing renamed: unchanged

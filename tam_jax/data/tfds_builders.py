@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir)
         )
-        print(f"Wrote {builder.name}/{builder.builder_config.name} to {builder.data_dir}")
+        _log.info("Wrote %s/%s to %s", builder.name, builder.builder_config.name, builder.data_dir)
 
     # ValueError: split lists and dataset configs that cannot be read (tam_jax.data.splits names them).
     return errors.run_command(body, user_errors=(ValueError,))

@@ -76,9 +76,8 @@ def build_embedder(model_config) -> FrameEmbedder:
     """The embedder `config.model` describes (arch, dtype, freeze_bn, remat).
 
     remat "auto" (left to a training run's plan, `tam_jax.plan`) builds with none: only a train step
-    differentiates, and it is built from the planned config. A config written before `model.remat` existed
-    (a workdir's config.json) gets "none" too.
+    differentiates, and it is built from the planned config.
     """
-    remat = model_config.get("remat", "none")
+    remat = model_config.remat
     return FrameEmbedder(arch=model_config.arch, dtype=jnp.dtype(model_config.dtype),
                          freeze_bn=model_config.freeze_bn, remat="none" if remat == "auto" else remat)

@@ -10,16 +10,17 @@ with the safetensors package's numpy API; timm's `resnet50.tv_in1k` uses torchvi
   `state_dict`, `model`, `net` or `backbone` (its other entries, such as `iteration` or
   `optimizer_state_dict`, are ignored); a `module.` prefix (DataParallel) on every key is dropped;
 - the state dict of a larger model whose ResNet sits under a prefix (`backbone.`, `resnet.`,
-  `encoder.`, `base_model.`, `module.backbone.`, ...): found when exactly one prefix holds a complete
-  ResNet of `--arch`, or chosen with `--prefix`; the keys outside it are ignored;
+  `encoder.`, `base_model.`, `module.backbone.`, ...): found when it is the only prefix that holds a
+  ResNet (a `conv1.weight` beside `layer1.*`, or `0.weight` beside `4.*`); when several do (`student.`
+  and `teacher.`, `encoder_q.` and `encoder_k.`) the tool stops and asks for `--prefix`; the keys
+  outside it are ignored;
 - a ResNet kept as `nn.Sequential(*list(resnet.children())[:-1])` (or `[:-2]`), as the public few-shot
   action recognition code keeps it: keys `0.weight` (conv1), `1.*` (bn1), `4.N.*` .. `7.N.*`
   (layer1..layer4), at the top or under a prefix.
 
 Within the backbone the classifier `fc.*` is dropped, BatchNorm's `num_batches_tracked` counters are
-ignored, and every other key must match the architecture exactly. A file that holds no such backbone
-is an error listing the prefixes and layouts seen and what `--prefix` would select. `DIR` is then
-readable by `tam_jax.models.load_backbone` and can be named as a config's `model.init_from`.
+ignored, and every other key must match the architecture exactly (an error names the keys at fault).
+`DIR` is then readable by `tam_jax.models.load_backbone` and can be named as a config's `model.init_from`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import argparse
 import dataclasses
 import functools
 import hashlib
+import logging
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -36,7 +38,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tam_jax import errors
+from tam_jax import errors, log_setup
 from tam_jax.errors import UserError
 from tam_jax.models.backbone_files import save_backbone
 from tam_jax.models.resnet import ARCHS, abstract_variables, feature_dim
@@ -52,6 +54,7 @@ _LEAF_TO_TORCH = {
     ("batch_stats", "var"): "running_var",
 }
 _MAX_KEYS_SHOWN = 20
+_log = logging.getLogger(__spec__.name if __spec__ else __name__)  # not "__main__" under python -m
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,7 +62,8 @@ _MAX_KEYS_SHOWN = 20
 
 
 class WeightsFileError(UserError, ValueError):
-    """A `--src` that is not a weights file this tool reads; names the file."""
+    """A `--src` that is not a weights file this tool reads, or that holds ResNets under several prefixes
+    (`--prefix` chooses); names the file."""
 
 
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
@@ -279,7 +283,6 @@ def convert_state_dict(
 # ---------------------------------------------------------------------------------------------
 # Finding the backbone in a larger state dict
 
-LAYOUTS = ("torchvision", "sequential")
 # nn.Sequential(*list(resnet.children())[:-1]) numbers torchvision's children: conv1, bn1, relu,
 # maxpool, layer1..layer4, avgpool, fc.
 _SEQUENTIAL_NAMES = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4",
@@ -334,76 +337,31 @@ def extract_backbone(state: Mapping[str, np.ndarray], prefix: str, layout: str |
     return Backbone(prefix, layout, sequential_to_torchvision(sub) if layout == "sequential" else sub)
 
 
-def _prefix_arg(prefix: str) -> str:
-    return prefix or "''"
-
-
-def _fit_summary(backbone: Backbone, arch: str) -> str:
-    """ "fits resnet18" or "for resnet50: 3 missing, 1 unexpected, 0 mis-shaped keys"."""
-    guess = guess_arch(backbone.state)
-    if guess is not None:
-        return f"fits {guess}"
-    missing, unexpected, mismatched = find_mismatches(backbone.state, arch)
-    return (
-        f"for {arch}: {len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} mis-shaped "
-        "keys"
-    )
-
-
-def _describe_state(state: Mapping[str, np.ndarray], arch: str, source: str) -> str:
-    """What a file that holds no usable backbone does hold, and what `--prefix` would select."""
-    lines = []
-    candidates = backbone_candidates(state)
-    for prefix, layout in candidates:
-        backbone = extract_backbone(state, prefix, layout)
-        lines.append(
-            f"'{prefix}' ({layout} layout, {len(backbone.state)} keys, {_fit_summary(backbone, arch)}): "
-            f"--prefix {_prefix_arg(prefix)} would select it"
-        )
-    groups: dict[str, int] = {}
-    for key in state:
-        head = key.split(".", 1)[0] + "." if "." in key else key
-        groups[head] = groups.get(head, 0) + 1
-    shown = ", ".join(f"{g}* ({n} keys)" for g, n in list(groups.items())[:12])
-    seen = "; ".join(lines) or "no ResNet layout (conv1.weight with layer1.*, or 0.weight with 4.*)"
-    return (
-        f"{source} holds no single complete torchvision or nn.Sequential {arch}. Backbones seen: {seen}. "
-        f"Its keys start with: {shown}{', ...' if len(groups) > 12 else ''}. Layouts read: "
-        f"{', '.join(LAYOUTS)}, at the top or under a prefix."
-    )
-
-
 def select_backbone(
-    state: Mapping[str, np.ndarray], arch: str, *, prefix: str | None = None, source: str = "state dict"
+    state: Mapping[str, np.ndarray], *, prefix: str | None = None, source: str = "state dict"
 ) -> Backbone:
-    """The `arch` ResNet inside `state`: under `prefix` ("" = the top; "backbone" or "backbone."),
-    else the only (prefix, layout) of `backbone_candidates` that matches `arch` exactly.
+    """The ResNet inside `state`: under `prefix` ("" = the top; "backbone" or "backbone."), else under the
+    one prefix of `backbone_candidates` (the top when there is none). `convert_state_dict` then checks its
+    keys against the architecture.
 
-    Raises ValueError, naming the keys at fault (one candidate) or listing the candidates seen and
-    what `--prefix` would select (none or several).
+    Raises WeightsFileError when `prefix` selects no key, or when ResNets sit under several prefixes
+    (naming them: the caller chooses with --prefix; nothing is guessed).
     """
+    prefixes = sorted({p for p, _ in backbone_candidates(state)})
+    shown = ", ".join(repr(p) for p in prefixes)
     if prefix is not None:
         prefix = prefix if not prefix or prefix.endswith(".") else prefix + "."
         if prefix and not any(k.startswith(prefix) for k in state) and prefix.startswith("module."):
             prefix = prefix[len("module.") :]  # read_state_dict dropped DataParallel's prefix
         if prefix and not any(k.startswith(prefix) for k in state):
-            raise ValueError(
-                f"No key of {source} starts with {prefix!r}. {_describe_state(state, arch, source)}"
+            raise WeightsFileError(
+                f"No key of {source} starts with {prefix!r} (ResNets under: {shown or 'none'})."
             )
         return extract_backbone(state, prefix)
-    candidates = [extract_backbone(state, p, layout) for p, layout in backbone_candidates(state)]
-    complete = [b for b in candidates if not any(find_mismatches(b.state, arch))]
-    if len(complete) == 1:
-        return complete[0]
-    if len(complete) > 1:
-        names = ", ".join(f"'{b.prefix}' ({b.layout})" for b in complete)
-        raise ValueError(
-            f"{source} holds {len(complete)} complete {arch} backbones, under {names}: choose one with "
-            f"--prefix, e.g. --prefix {_prefix_arg(complete[0].prefix)}."
-        )
-    if len(candidates) == 1:  # One ResNet that does not fit: name its keys.
-        return candidates[0]
-    raise ValueError(_describe_state(state, arch, source))
+    if len(prefixes) > 1:
+        raise WeightsFileError(f"{source} holds a ResNet under each of the key prefixes {shown}: "
+                               "pass --prefix=<one of them>.")
+    return extract_backbone(state, prefixes[0] if prefixes else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +387,7 @@ def import_weights(
     """
     src = Path(src).expanduser().resolve()
     state = read_state_dict(src)
-    backbone = select_backbone(state, arch, prefix=prefix, source=str(src))
+    backbone = select_backbone(state, prefix=prefix, source=str(src))
     where = f" (keys under '{backbone.prefix}')" if backbone.prefix else ""
     where += ", nn.Sequential layout" if backbone.layout == "sequential" else ""
     variables = convert_state_dict(backbone.state, arch, source=f"{src}{where}")
@@ -458,14 +416,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--prefix",
         help="key prefix of the ResNet inside a larger model, e.g. backbone. ('' = the top level); default: "
-        "the one prefix holding a complete --arch ResNet",
+        "the only prefix holding a ResNet (several: an error naming them)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
+    log_setup.setup()  # the line below on stderr; Orbax's INFO about the save dropped
 
     def body() -> int:
         out = import_weights(args.src, args.arch, args.out, prefix=args.prefix, overwrite=args.overwrite)
-        print(f"wrote {args.arch} backbone (D={feature_dim(args.arch)}) to {out}")
+        _log.info("wrote %s backbone (D=%d) to %s", args.arch, feature_dim(args.arch), out)
         return 0
 
     return errors.run_command(body, user_errors=(ValueError, ImportError))
