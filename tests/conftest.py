@@ -14,9 +14,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
-# The tests' programs are tiny: compiling them is most of their time, and LLVM's optimisations a third of
-# that. Without them (XLA's backend optimisation level 0, no fast-math either way) they compute the same.
-os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 # Most tests compile the same tiny training and evaluation steps, in this process and in the
 # `python -m tam_jax...` processes they start (which inherit the environment, and pytest-xdist's workers too):
