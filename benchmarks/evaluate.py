@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tam_jax import checkpoints, evaluate, fewshot, hosts, models, train_state
+from tam_jax import checkpoints, evaluate, hosts, methods, models, train_state
 from tam_jax.data import pipeline
 from tam_jax.data.clips import load_clip
 from tam_jax.data.episodes import EpisodeSampler
@@ -54,7 +54,7 @@ def main():
     if args.workdir:
         manager = checkpoints.CheckpointManager(str(Path(args.workdir) / "checkpoints"))
         state = manager.restore(manager.latest_step(), state)
-    scorers = fewshot.SCORERS
+    scorers = methods.names(learned=False)
     way, shot, queries = config.fewshot.way, config.fewshot.shot, config.fewshot.queries
     evaluator = evaluate.FewShotEvaluator(config, "test", mesh, model, SkipReport(), scorers=scorers,
                                           shots=(shot,), num_episodes=args.episodes)
@@ -75,11 +75,10 @@ def main():
     variables = train_state.embedder_variables(state)
     spec = pipeline.clip_spec(config)
     embed = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    built = tuple(methods.build(name, config) for name in scorers)
     score = jax.jit(
-        lambda s, q, y: evaluate.episode_accuracies(
-            s[None], q[None], y[None], way=way, shot=shot, scorers=scorers, lam=config.alignment.lam,
-            bidirectional=False,
-        )
+        lambda s, q, y: evaluate.frame_episode_accuracies(built, None, s[None], q[None], y[None], way=way,
+                                                          shot=shot)
     )
 
     def fresh_episode(index):

@@ -106,13 +106,49 @@ def _make_configs_importable(argv: list[str]) -> None:
                 sys.path.insert(0, str(folder.parent))
 
 
+_METHOD_OVERRIDE = "--config.methods."
+
+
+def apply_method_options(config, overrides: list[str]) -> None:
+    """Give `config.methods` a section per registered method (after importing `config.plugins`), holding
+    its defaults, then apply `--config.methods.NAME.KEY=VALUE` overrides, each typed as its default.
+    Raises UserError naming the argument."""
+    from tam_jax import methods
+    from tam_jax.configuration import typed_value
+    from tam_jax.errors import ConfigError
+
+    methods.import_plugins(config.plugins)
+    with config.unlocked():
+        for name in methods.names():
+            config.methods[name] = methods.options(config, methods.get(name)).as_configdict()
+    for arg in overrides:
+        path, sep, text = arg[len(_METHOD_OVERRIDE):].partition("=")
+        name, _, key = path.partition(".")
+        if not sep or name not in config.methods:
+            raise ConfigError(f"{arg}: expected --config.methods.NAME.KEY=VALUE with NAME one of "
+                              f"{', '.join(methods.names())}.")
+        if key not in config.methods[name]:
+            known = ", ".join(config.methods[name].keys()) or "none"
+            raise ConfigError(f"{arg}: method {name!r} has no option {key!r}; its options are {known}.")
+        config.methods[name][key] = typed_value(text, config.methods[name][key], arg.split("=")[0])
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's `flags_parser`: parse `argv`, or print one `error:` line and exit with status 2."""
+    """absl's `flags_parser`: parse `argv`, or print one `error:` line and exit with status 2.
+
+    `--config.methods.NAME.KEY=VALUE` overrides are applied after the config file is loaded and the
+    registered methods' options are filled in (`apply_method_options`)."""
     _make_configs_importable(argv)
+    method_overrides = [arg for arg in argv if arg.startswith(_METHOD_OVERRIDE)]
+    argv = [arg for arg in argv if not arg.startswith(_METHOD_OVERRIDE)]
+    # ml_collections finds `--config.*` overrides in sys.argv itself: it must not see these.
+    sys.argv = [arg for arg in sys.argv if not arg.startswith(_METHOD_OVERRIDE)]
     try:
         remaining = flags.FLAGS(argv)
         message = _unloadable_config_message()
         if message is None:
+            if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
+                apply_method_options(flags.FLAGS["config"].value, method_overrides)
             return remaining
     except Exception as e:
         inner = _user_error_inside(e)

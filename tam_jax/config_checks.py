@@ -5,41 +5,19 @@ Every failure is a ConfigError naming the key and the fix (`--config.a.b=VALUE`)
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import Callable
-from typing import Any
 
 import ml_collections
 
-from tam_jax import checkpoints, fewshot
+from tam_jax import checkpoints, methods
 from tam_jax.configuration import csv_values
+from tam_jax.domains import Domain, above, at_least, one_of
 from tam_jax.errors import ConfigError
 from tam_jax.models.resnet import REMAT_CHOICES
 
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("step", "cosine", "constant")
-
-
-@dataclasses.dataclass(frozen=True)
-class Domain:
-    """The values a config key may take: `accepts(value)`, described as `text` in the error."""
-
-    accepts: Callable[[Any], bool]
-    text: str
-
-
-def at_least(low, note: str = "") -> Domain:
-    return Domain(lambda v: v >= low, f"must be >= {low}{note}")
-
-
-def above(low) -> Domain:
-    return Domain(lambda v: v > low, f"must be > {low}")
-
-
-def one_of(*choices) -> Domain:
-    return Domain(lambda v: v in choices, f"must be one of {', '.join(map(str, choices))}")
 
 
 _AUTOMATIC = " (0: automatic, the run's plan)"
@@ -61,12 +39,8 @@ KEY_DOMAINS = {
     "fewshot.shot": at_least(1),
     "fewshot.queries": at_least(1),
     "fewshot.temperature": above(0),
-    "fewshot.logit_scale": one_of(*fewshot.LOGIT_SCALES),
-    "fewshot.scorer": one_of(*fewshot.ALL_SCORERS),
+    "fewshot.logit_scale": one_of(*methods.LOGIT_SCALES),
     "alignment.lam": at_least(0, " (0: the hard minimum)"),
-    "head.dim": at_least(1),
-    "head.trn_tuples": at_least(1),
-    "head.cmn_saliencies": at_least(1),
     "train.num_steps": at_least(1),
     "train.episodes_per_step": at_least(1),
     "train.episodes_per_device_step": at_least(0, _AUTOMATIC),
@@ -104,6 +78,29 @@ def check_domains(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.{key}: {domain.text}, got {value!r}; set --config.{key}=VALUE.")
 
 
+def check_methods(config: ml_collections.ConfigDict) -> None:
+    """The run's method (`fewshot.scorer`) and those `eval.scorers` names are registered; their options lie
+    in their domains; a learned method is evaluated only by the run that trains it."""
+    registered = ", ".join(methods.names())
+    scorer = config.fewshot.scorer
+    if scorer not in methods.names():
+        raise ConfigError(f"config.fewshot.scorer: {scorer!r} is not a registered method "
+                          f"({registered}); set --config.fewshot.scorer=NAME, or --config.plugins=MODULE for "
+                          "a method of your own.")
+    for name in config.get("methods", {}):
+        if name not in methods.names():
+            raise ConfigError(f"config.methods.{name}: no method {name!r} is registered ({registered}).")
+    for name in csv_values(config.eval.scorers):
+        if name not in methods.names():
+            raise ConfigError(f"config.eval.scorers: {name!r} is not a registered method ({registered}).")
+        if methods.get(name).learned and name != scorer:
+            raise ConfigError(
+                f"config.eval.scorers: {name!r} needs parameters trained with fewshot.scorer={name!r}, but "
+                f"this run trains {scorer!r}; remove it or train with --config.fewshot.scorer={name}.")
+    for name in dict.fromkeys((scorer, *methods.evaluated(config))):
+        methods.check_options(config, name)
+
+
 def validate(config: ml_collections.ConfigDict, training: bool = True, *, files: bool = True) -> None:
     """Fail before any compute on a config that cannot run, naming the key and the fix (ConfigError).
 
@@ -111,8 +108,10 @@ def validate(config: ml_collections.ConfigDict, training: bool = True, *, files:
     `training=False` (evaluating a trained run) does not need the backbone initialisation to exist;
     `files=False` (`--mode=plan`) needs neither it nor the data.
     """
+    methods.import_plugins(config.plugins)
     check_domains(config)
     data, fs = config.data, config.fewshot
+    check_methods(config)
 
     def fail(key: str, message: str):
         raise ConfigError(f"config.{key}: {message}")
@@ -138,18 +137,9 @@ def validate(config: ml_collections.ConfigDict, training: bool = True, *, files:
              "`python -m tam_jax.tools.import_weights --src FILE --arch ARCH --out DIR`.")
     if config.alignment.bidirectional and fs.scorer != "tam":
         fail("alignment.bidirectional", "applies to fewshot.scorer='tam' only.")
-    for name in csv_values(config.eval.scorers):
-        if name not in fewshot.ALL_SCORERS:
-            fail("eval.scorers", f"{name!r} is not one of {', '.join(fewshot.ALL_SCORERS)}.")
-        if name in fewshot.HEAD_SCORERS and name != fs.scorer:
-            fail("eval.scorers", f"{name!r} needs a head trained with fewshot.scorer={name!r}, but this "
-                 f"run trains {fs.scorer!r}; remove it or train with --config.fewshot.scorer={name}.")
     for shot in csv_values(config.eval.shots):
         if not shot.isdigit() or int(shot) < 1:
             fail("eval.shots", f"{shot!r} is not a shot >= 1; give comma-separated shots, e.g. 1,5.")
-    if fs.scorer == "trn" and data.num_frames < 2:
-        fail("data.num_frames", f"must be >= 2 for fewshot.scorer='trn' (TRN++ relates frame tuples), got "
-             f"{data.num_frames}.")
     if not 0 < fs.min_temperature <= fs.max_temperature:
         fail("fewshot.min_temperature", f"the learned temperature's bounds need 0 < min_temperature <= "
              f"max_temperature, got {fs.min_temperature} and {fs.max_temperature}.")

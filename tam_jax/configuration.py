@@ -61,23 +61,24 @@ def default_config() -> ml_collections.ConfigDict:
     c.fewshot.shot = 1
     c.fewshot.queries = 5  # queries per class in training episodes (and evaluation's, see eval.queries)
     c.fewshot.temperature = 1.0  # logits = -scale * distance / temperature (Eq. 8 uses 1)
-    # Per-scorer scale of the distances in the logits (tam_jax.fewshot.logit_scale): "paper" is Eq. 8 for
+    # Per-method scale of the distances in the logits (tam_jax.methods.logit_scale): "paper" is Eq. 8 for
     # Table 2's scorers and multiplies the [0, 2] baselines (tsn, trn, cmn) by T to TAM's [0, 2T] so they can
     # fit; "frames" also scales diagonal, mean and min by T; "none" is Eq. 8 for every scorer.
     c.fewshot.logit_scale = "paper"
     c.fewshot.learn_temperature = False  # learn log(temperature), clamped to the bounds below
     c.fewshot.min_temperature = 0.01
     c.fewshot.max_temperature = 100.0
-    c.fewshot.scorer = "tam"  # what the run trains with: a scorer of `tam_jax.fewshot.ALL_SCORERS`
+    c.fewshot.scorer = "tam"  # the method the run trains with: a name registered in `tam_jax.methods`
 
     c.alignment = ml_collections.ConfigDict()
     c.alignment.lam = 0.1  # soft-min temperature of Eq. 6
     c.alignment.bidirectional = False  # add the support->query alignment (TAM only)
 
-    c.head = ml_collections.ConfigDict()  # learned heads of fewshot.scorer "trn" / "cmn" (tam_jax.heads)
-    c.head.dim = 256  # frame projection, relation and saliency width
-    c.head.trn_tuples = 3  # TRN++: ordered frame tuples per scale
-    c.head.cmn_saliencies = 4  # CMN++: learned saliency queries M (the embedding is M * dim wide)
+    # Options of the methods (tam_jax.methods), config.methods.<name>.<key>, each defaulting to its method's
+    # `defaults`, e.g. --config.methods.trx.dim=256 (filled in for every registered method by the command
+    # line, `tam_jax.cli`).
+    c.methods = ml_collections.ConfigDict()
+    c.plugins = ""  # comma-separated modules to import first: they register methods of your own
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 120_000
@@ -110,9 +111,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.num_episodes = 10_000
     c.eval.queries = 0  # queries per class in test and validation episodes (0: fewshot.queries; paper: 1)
     c.eval.episodes_per_batch = 250
-    # Comma-separated, all scored on the same embeddings: every scorer that needs only frame features
-    # (tam_jax.fewshot.SCORERS); a learned head's scorer ("trn", "cmn") only when the run trains it.
-    c.eval.scorers = "tam,plain_dtw,diagonal,mean,min,tsn"
+    # Comma-separated methods, all scored on the same embeddings ("": every registered method without
+    # parameters); a learned method ("trn", "cmn", "trx") only when the run trains it, and always then.
+    c.eval.scorers = ""
     c.eval.shots = ""  # comma-separated shots to evaluate, e.g. "1,5" ("" = fewshot.shot)
     c.eval.embed_batch_size = 32  # videos per embedding batch (a multiple of the device count)
 
@@ -176,5 +177,8 @@ def config_from_json(saved: dict[str, Any]) -> ml_collections.ConfigDict:
     """`default_config()` updated with a saved config (a workdir's `config.json`): the one place a key
     missing from the file takes its default."""
     config = default_config()
+    saved = dict(saved)
+    with config.unlocked():  # methods' sections are as free as the registered methods
+        config.methods = ml_collections.ConfigDict(saved.pop("methods", {}))
     config.update(saved)
     return config

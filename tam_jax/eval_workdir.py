@@ -12,7 +12,7 @@ import os
 
 import ml_collections
 
-from tam_jax import checkpoints, fewshot, hosts, results
+from tam_jax import checkpoints, hosts, methods, results
 from tam_jax.config_checks import validate
 from tam_jax.data.report import SkipReport
 from tam_jax.errors import ConfigError
@@ -35,9 +35,10 @@ def imported_state(config: ml_collections.ConfigDict, model, mesh, workdir: str)
             "`python -m tam_jax.tools.import_weights --src FILE --arch ARCH --out DIR` and pass "
             "--config.model.init_from=DIR."
         )
-    if config.fewshot.scorer in fewshot.HEAD_SCORERS:
+    if methods.get(config.fewshot.scorer).learned:
         raise ConfigError(
-            f"config.fewshot.scorer={config.fewshot.scorer!r} scores with a learned head that an imported "
+            f"config.fewshot.scorer={config.fewshot.scorer!r} is a learned method whose parameters an "
+            "imported "
             f"backbone lacks: train it first (--mode=train --workdir={workdir}), or evaluate with "
             "--config.fewshot.scorer=tam."
         )

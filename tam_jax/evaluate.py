@@ -24,12 +24,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tam_jax import fewshot, heads, hosts, progress, results
+from tam_jax import fewshot, hosts, methods, progress, results
 from tam_jax.configuration import csv_values, eval_queries
 from tam_jax.data import pipeline
 from tam_jax.data.episodes import EpisodeSampler
 from tam_jax.data.report import SkipReport
-from tam_jax.embedding import Embedder, embed_share
+from tam_jax.embedding import Embedder, embed_share, map_batches
 
 
 def episode_index_arrays(
@@ -44,51 +44,86 @@ def episode_index_arrays(
 
 
 def episode_accuracies(
-    support: jax.Array,
-    query: jax.Array,
+    scorers: tuple[methods.Method, ...],
+    params,
+    support: tuple[jax.Array, ...],
+    query: tuple[jax.Array, ...],
     labels: jax.Array,
     *,
     way: int,
     shot: int,
-    scorers: tuple[str, ...],
-    lam: float,
-    bidirectional: bool,
-    head_support: jax.Array | None = None,
-    head_query: jax.Array | None = None,
 ) -> jax.Array:
-    """Per-episode accuracy of each scorer.
+    """Per-episode accuracy of each method.
 
     Args:
-      support: `[E, way*shot, T, D]` features, class-major.
-      query: `[E, Nq, T, D]` features.
+      scorers: the methods (`tam_jax.methods`).
+      params: the learned method's parameters (state.params["head"]), or None.
+      support: per method, its video embeddings of each episode's support, `[E, way*shot, ...]`, class-major.
+      query: per method, `[E, Nq, ...]`.
       labels: `[E, Nq]` int, the episode class of each query.
-      head_support, head_query: `[E, way*shot, F]`, `[E, Nq, F]` learned-head embeddings of the same
-        videos (scorers "trn" / "cmn" only).
 
     Returns:
       `[len(scorers), E]` float32.
     """
+    support_labels = methods.episode_labels(way, shot)
 
-    def one_episode(s, q, y, hs, hq):
-        distances = fewshot.class_distances_for_scorers(
-            q, s, way=way, shot=shot, scorers=scorers, lam=lam, bidirectional=bidirectional,
-            head_query=hq, head_support=hs,
-        )
-        return jax.vmap(lambda d: fewshot.accuracy(-d, y))(distances)
+    def one_episode(s, q, y):
+        return jnp.stack([
+            fewshot.accuracy(-method.class_distances(params, qi, si, support_labels, way), y)
+            for method, si, qi in zip(scorers, s, q, strict=True)
+        ])
 
-    return jax.vmap(one_episode, out_axes=1)(support, query, labels, head_support, head_query)
+    return jax.vmap(one_episode, out_axes=1)(support, query, labels)
 
 
-@functools.partial(jax.jit, static_argnames=("way", "shot", "scorers", "lam", "bidirectional"))
-def _cached_episode_accuracies(embeddings, head_embeddings, support_rows, query_rows, labels, **static):
-    heads = {} if head_embeddings is None else {
-        "head_support": head_embeddings[support_rows], "head_query": head_embeddings[query_rows]
-    }
-    return episode_accuracies(embeddings[support_rows], embeddings[query_rows], labels, **heads, **static)
+def frame_episode_accuracies(scorers: tuple[methods.Method, ...], params, support: jax.Array,
+                             query: jax.Array, labels: jax.Array, *, way: int, shot: int) -> jax.Array:
+    """`episode_accuracies` from frame features, support `[E, way*shot, T, D]` and query `[E, Nq, T, D]`:
+    each method embeds the videos itself (`video_embeddings`). Returns `[len(scorers), E]`."""
+    embed = lambda m, x: jax.vmap(functools.partial(m.video_embeddings, params))(x)
+    return episode_accuracies(scorers, params, tuple(embed(m, support) for m in scorers),
+                              tuple(embed(m, query) for m in scorers), labels, way=way, shot=shot)
+
+
+def embedding_key(method: methods.Method) -> str:
+    """Methods that compare the frame features themselves share them ("frames"); any other's embeddings
+    are its own (its name)."""
+    return "frames" if type(method).video_embeddings is methods.Method.video_embeddings else method.name
+
+
+@functools.partial(jax.jit, static_argnames=("scorers", "way", "shot"))
+def _cached_episode_accuracies(embeddings: dict, params, support_rows, query_rows, labels, *, scorers, way,
+                               shot):
+    """`episode_accuracies` on rows of the embedded split: each embedding gathered once per batch, however
+    many methods share it."""
+    gathered = {k: (v[support_rows], v[query_rows]) for k, v in embeddings.items()}
+    keys = [embedding_key(m) for m in scorers]
+    return episode_accuracies(scorers, params, tuple(gathered[k][0] for k in keys),
+                              tuple(gathered[k][1] for k in keys), labels, way=way, shot=shot)
+
+
+def method_embeddings(scorers, params, features: np.ndarray | dict[str, np.ndarray],
+                      batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Each method's video embeddings of a split's frame features `[N, T, D]`, by `embedding_key`; "frames"
+    is `features` itself. `features` may be such a dict already: only what it lacks is computed."""
+    found = dict(features) if isinstance(features, dict) else {"frames": features}
+    features = found["frames"]
+    for method in scorers:
+        key = embedding_key(method)
+        if key not in found:
+            embed = functools.partial(_video_embeddings, method, params)
+            found[key] = map_batches(embed, features, batch_size)
+    return found
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _video_embeddings(method: methods.Method, params, frames: jax.Array) -> jax.Array:
+    """`method.video_embeddings`, compiled once per method and shape (methods are hashable)."""
+    return method.video_embeddings(params, frames)
 
 
 def evaluate_embeddings(
-    embeddings: np.ndarray,
+    embeddings: np.ndarray | dict[str, np.ndarray],
     labels: np.ndarray,
     *,
     way: int,
@@ -96,34 +131,33 @@ def evaluate_embeddings(
     queries: int,
     num_episodes: int,
     seed: int,
-    scorers: Sequence[str],
-    lam: float = 0.1,
-    bidirectional: bool = False,
+    scorers: Sequence[methods.Method],
+    params=None,
     episodes_per_batch: int = 250,
     class_names: Sequence[str] | None = None,
     drop_small_classes: bool = False,
     show_progress: bool = True,
-    head_embeddings: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Accuracy of every scorer on `num_episodes` episodes drawn from embedded videos.
+    """Accuracy of every method on `num_episodes` episodes drawn from embedded videos.
 
     Args:
-      embeddings: `[N, T, D]` features of every video of the split.
+      embeddings: `[N, T, D]` frame features of every video of the split, or `method_embeddings`' dict.
       labels: `[N]` int class of each video.
-      head_embeddings: `[N, F]` a learned head's embeddings of the same videos (`tam_jax.heads`), for the
-        scorers "trn" / "cmn".
+      scorers: the methods (`tam_jax.methods.build`).
+      params: the learned method's parameters, or None.
 
     Returns:
-      scorer -> `[num_episodes]` per-episode accuracies (fractions).
+      method name -> `[num_episodes]` per-episode accuracies (fractions).
     """
     scorers = tuple(scorers)
+    embeddings = method_embeddings(scorers, params, embeddings)
     sampler = EpisodeSampler(
         labels, way=way, shot=shot, queries=queries, seed=seed, class_names=class_names,
         drop_small_classes=drop_small_classes,
     )
-    device_embeddings = jnp.asarray(embeddings)
-    device_heads = None if head_embeddings is None else jnp.asarray(head_embeddings)
-    static = dict(way=way, shot=shot, scorers=scorers, lam=lam, bidirectional=bidirectional)
+    needed = {embedding_key(m) for m in scorers}
+    device_embeddings = {k: jnp.asarray(v) for k, v in embeddings.items() if k in needed}
+    params = None if params is None else jax.device_put(params)  # once, not with every batch
     per_scorer = []
     starts = range(0, num_episodes, episodes_per_batch)
     for start in progress.track(starts, len(starts), "episodes", "batch", enabled=show_progress):
@@ -131,11 +165,11 @@ def evaluate_embeddings(
         indices = np.arange(start, start + episodes_per_batch)
         support, query, episode_labels = episode_index_arrays(sampler, indices)
         accuracies = _cached_episode_accuracies(
-            device_embeddings, device_heads, support, query, episode_labels, **static
+            device_embeddings, params, support, query, episode_labels, scorers=scorers, way=way, shot=shot
         )
         per_scorer.append(np.asarray(accuracies)[:, : num_episodes - start])
     stacked = np.concatenate(per_scorer, axis=1)
-    return {name: stacked[i] for i, name in enumerate(scorers)}
+    return {method.name: stacked[i] for i, method in enumerate(scorers)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,12 +186,8 @@ def episode_seed(config: ml_collections.ConfigDict, split: str) -> int:
 
 
 def eval_scorers(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """`config.eval.scorers`, led by the run's own scorer when it trained a head ("trn" / "cmn")."""
-    scorers = csv_values(config.eval.scorers)
-    scorer = config.fewshot.scorer
-    if scorer in fewshot.HEAD_SCORERS and scorer not in scorers:
-        scorers = (scorer, *scorers)
-    return scorers
+    """The methods a run's final evaluation scores (`tam_jax.methods.evaluated`)."""
+    return methods.evaluated(config)
 
 
 def eval_shots(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -175,12 +205,14 @@ def prepare_eval_split(
 
 @dataclasses.dataclass
 class Embedded:
-    """A split embedded with one state: frame features `[N, T, D]`, the learned head's video embeddings
-    `[N, F]` (None without a head), and labels `[N]`."""
+    """A split embedded with one state: frame features `[N, T, D]`, labels `[N]`, the learned method's
+    parameters (None without one) and each method's video embeddings (`method_embeddings`, filled in as
+    methods are scored)."""
 
     features: np.ndarray
-    head_features: np.ndarray | None
     labels: np.ndarray
+    params: object = None
+    embeddings: dict = dataclasses.field(default_factory=dict)
 
 
 class FewShotEvaluator:
@@ -189,7 +221,7 @@ class FewShotEvaluator:
     every shot with every scorer.
 
     Args:
-      config: the run's config (data, fewshot, alignment, eval, head, seed).
+      config: the run's config (data, fewshot, alignment, methods, eval, seed).
       split: "val" or "test" (or "train").
       mesh: the run's mesh; each process embeds its share on its own devices.
       model: the frame embedder.
@@ -229,35 +261,35 @@ class FewShotEvaluator:
                    show_progress=show_progress)
 
     def embed(self, state) -> Embedded:
-        """Embed the split with `state`'s embedder (and its head, if it has one)."""
+        """Embed the split with `state`'s embedder; keep its learned method's parameters, if any."""
         from tam_jax.train_state import embedder_variables
 
         embedder = Embedder(self.model, embedder_variables(state), self.mesh,
                             batch_size=self.config.eval.embed_batch_size)
         features = embed_share(embedder, self.clips, show_progress=self.show_progress)
-        head = heads.build_head(self.config)
-        head_features = None
-        if head is not None:
-            head_features = heads.embed_features(head, hosts.local_copy(state.params["head"]), features)
-        return Embedded(features, head_features, self.clips.labels)
+        params = state.params.get("head")
+        return Embedded(features, self.clips.labels, None if params is None else hosts.local_copy(params))
 
-    def score(self, embedded: Embedded, *, lam: float | None = None, scorers: Sequence[str] | None = None,
+    def scoring_methods(self) -> tuple[methods.Method, ...]:
+        """The methods this evaluator scores, with the config's settings."""
+        return tuple(methods.build(name, self.config) for name in self.scorers)
+
+    def score(self, embedded: Embedded, *, scorers: Sequence[methods.Method] | None = None,
               show_progress: bool = True) -> list[dict]:
-        """Records {split, scorer, way, shot, episodes, accuracy, ci95} of every shot and scorer, at the
-        config's `alignment.lam` unless `lam` is given."""
-        config, scorers = self.config, tuple(scorers or self.scorers)
-        lam = config.alignment.lam if lam is None else lam
+        """Records {split, scorer, way, shot, episodes, accuracy, ci95} of every shot and method (`scorers`,
+        default `scoring_methods()`)."""
+        config, scorers = self.config, tuple(scorers or self.scoring_methods())
+        embedded.embeddings = method_embeddings(scorers, embedded.params,
+                                                {"frames": embedded.features, **embedded.embeddings})
         records = []
         for shot in self.shots:
             per_scorer = evaluate_embeddings(
-                embedded.features, embedded.labels, way=config.fewshot.way, shot=shot,
+                embedded.embeddings, embedded.labels, way=config.fewshot.way, shot=shot,
                 queries=eval_queries(config), num_episodes=self.num_episodes,
-                seed=episode_seed(config, self.split), scorers=scorers, lam=float(lam),
-                bidirectional=config.alignment.bidirectional,
+                seed=episode_seed(config, self.split), scorers=scorers, params=embedded.params,
                 episodes_per_batch=min(config.eval.episodes_per_batch, self.num_episodes),
                 class_names=self.data.source.class_names, drop_small_classes=config.data.drop_small_classes,
                 show_progress=self.show_progress and show_progress,
-                head_embeddings=embedded.head_features,
             )
             records += results.result_records(per_scorer, split=self.split, way=config.fewshot.way, shot=shot)
         return records

@@ -10,9 +10,10 @@
     classifier.support.save("support.npz")                        # reuse: .fit(SupportSet.load(...))
 
 Clips are read exactly as evaluation reads test videos (TSN middle frames, resize, centre crop, from the
-checkpoint's `config.json`), embedded once, and scored with the checkpoint's `fewshot.scorer`, `lam` and
-`bidirectional` unless overridden, by `tam_jax.fewshot.class_distances_by_label` (any number of clips per
-class). Only the embedder's weights are restored: no optimiser is built.
+checkpoint's `config.json`), embedded once, and scored with the checkpoint's method (`fewshot.scorer`,
+`tam_jax.methods`, with its learned parameters if it has them), `lam` and `bidirectional` unless
+overridden (any number of clips per class). Only the weights (the embedder's and a learned method's) are
+restored: no optimiser is built.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from tam_jax import checkpoints, fewshot, hosts, models
+from tam_jax import checkpoints, hosts, methods, models
 from tam_jax.checkpoints import CheckpointMismatchError
 from tam_jax.data.pipeline import clip_spec
 from tam_jax.data.report import ClipError
@@ -126,6 +127,7 @@ def load_trained_model(path: str | os.PathLike, *, num_devices: int = 1) -> Trai
     """
     workdir, directory, step = checkpoints.resolve_checkpoint(path)
     config = checkpoints.read_config(workdir)
+    methods.import_plugins(config.plugins)  # the modules that registered the run's own methods
     mesh = hosts.make_mesh(num_devices)
     manager = checkpoints.CheckpointManager(str(directory))
     restore = lambda s: restore_trained(manager, s, config, mesh, where=str(workdir / "config.json"))
@@ -239,31 +241,31 @@ def check_support_matches(metadata: dict, checkpoint: TrainedModel) -> None:
 # Scoring.
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "scorer", "lam", "bidirectional"))
-def _class_distances(query, support, labels, num_classes, scorer, lam, bidirectional):
-    # lam is static: the alignment module takes the hard minimum only for a Python lam == 0.
-    return fewshot.class_distances_by_label(query, support, labels, num_classes, scorer=scorer, lam=lam,
-                                            bidirectional=bidirectional)
+@functools.partial(jax.jit, static_argnames=("method", "num_classes"))
+def _class_distances(method, params, query, support, labels, num_classes):
+    embed = functools.partial(method.video_embeddings, params)
+    return method.class_distances(params, embed(query), embed(support), labels, num_classes)
 
 
 def class_distances(
-    query: np.ndarray, support: np.ndarray, labels: np.ndarray, num_classes: int, *, scorer: str = "tam",
-    lam: float = 0.1, bidirectional: bool = False,
+    query: np.ndarray, support: np.ndarray, labels: np.ndarray, num_classes: int, *, method: methods.Method,
+    params=None,
 ) -> np.ndarray:
-    """`tam_jax.fewshot.class_distances_by_label` for any number of queries: scored `_SCORE_CHUNK` at a
-    time (bounding the `[chunk, Ns, T, T]` frame distances), padded to a few shapes.
+    """`method`'s class distances (`tam_jax.methods`) for any number of queries `[Nq, T, D]` from support
+    frame features `[Ns, T, D]` with labels `[Ns]`, any number per class: scored `_SCORE_CHUNK` queries at
+    a time (bounding e.g. the `[chunk, Ns, T, T]` frame distances), padded to a few shapes. `params`: a
+    learned method's.
 
     Returns:
       float32 `[Nq, num_classes]`.
     """
-    fewshot.check_scorer(scorer)
     counts = np.bincount(np.asarray(labels), minlength=num_classes)
     if len(counts) != num_classes or not counts.all():
         raise ValueError(f"every class in 0..{num_classes - 1} needs a support clip; counts {counts}.")
     if not len(query):
         return np.zeros((0, num_classes), np.float32)
-    score = lambda chunk: _class_distances(chunk, support, labels, num_classes, scorer, float(lam),
-                                           bool(bidirectional))
+    labels = np.asarray(labels, np.int32)
+    score = lambda chunk: _class_distances(method, params, chunk, support, labels, num_classes)
     return map_batches(score, query, _SCORE_CHUNK)
 
 
@@ -331,13 +333,14 @@ class FewShotClassifier:
         settings = model.config.alignment
         self.model = model
         self.scorer = scorer or model.config.fewshot.scorer
-        if self.scorer in fewshot.HEAD_SCORERS:
+        methods.get(self.scorer)  # ValueError naming the registered methods
+        self.params = model.state.params.get("head") if self.scorer == model.config.fewshot.scorer else None
+        if methods.get(self.scorer).learned and self.params is None:
             raise ValueError(
-                f"Checkpoint {model.directory} scores with a learned {self.scorer!r} head, which "
-                "prediction does not support yet; choose a frame-feature scorer with scorer= (--scorer): "
-                f"{', '.join(fewshot.SCORERS)}."
+                f"Scorer {self.scorer!r} is a learned method, and checkpoint {model.directory} holds no "
+                f"parameters for it (it trained {model.config.fewshot.scorer!r}); choose a method without "
+                f"parameters with scorer= (--scorer): {', '.join(methods.names(learned=False))}."
             )
-        fewshot.check_scorer(self.scorer)
         self.lam = float(settings.lam if lam is None else lam)
         if self.lam < 0:
             raise ValueError(f"lam must be >= 0 (0: the hard minimum), got {self.lam}.")
@@ -346,6 +349,9 @@ class FewShotClassifier:
         # The checkpoint's bidirectional setting follows its scorer; another scorer drops it.
         self.bidirectional = bool(settings.bidirectional and self.scorer == "tam"
                                   if bidirectional is None else bidirectional)
+        config = model.config.copy_and_resolve_references()
+        config.alignment.lam, config.alignment.bidirectional = self.lam, self.bidirectional
+        self.method = methods.build(self.scorer, config)
         self.progress = progress
         self.support: SupportSet | None = None
         self.support_errors: tuple[ClipError, ...] = ()
@@ -414,7 +420,7 @@ class FewShotClassifier:
         if self.support is None:
             raise RuntimeError("Call fit(support) before predict or distances.")
         return class_distances(features, self.support.embeddings, self.support.labels,
-                               len(self.support.class_names), **self.settings)
+                               len(self.support.class_names), method=self.method, params=self.params)
 
     def predict(self, queries: str | os.PathLike | Sequence[str | os.PathLike]) -> Predictions:
         """Rank the support classes for each query (a video file or a frame folder, or a list of them).

@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from tam_jax import cli, errors, fewshot, progress
+from tam_jax import cli, errors, progress
 from tam_jax.errors import UserError
 
 
@@ -48,7 +48,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="video files or frame folders to classify")
     parser.add_argument("--json", metavar="OUT", help="write predictions and errors as JSON")
     parser.add_argument("--save-support", metavar="FILE", help="write the support embeddings (.npz)")
-    parser.add_argument("--scorer", choices=fewshot.SCORERS, help="scorer (default: the checkpoint's)")
+    parser.add_argument("--scorer", help="a registered method (tam_jax.methods; default: the checkpoint's; a "
+                        "learned one only if the checkpoint trained it)")
     parser.add_argument("--lam", type=cli.lam_value,
                         help="soft-min temperature, 0: hard (default: the checkpoint's)")
     parser.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=None,

@@ -1,19 +1,21 @@
-"""Reproduce the paper's comparisons: Table 1 (TSN++, CMN++, TRN++, TAM) and Table 2 (alignment scorers).
+"""Reproduce the paper's comparisons: Table 1 (TSN++, CMN++, TRN++, TAM, plus TRX) and Table 2 (alignment
+scorers). A table's rows are the registered methods (`tam_jax.methods`) that name it in `tables`.
 
     python -m tam_jax.reproduce --config=configs/demo.py --workdir=runs/tables --table=1
     python -m tam_jax.reproduce --config=configs/kinetics.py --workdir=runs/kinetics --table=2 \\
         --config.data.root=FRAMES_DIR --config.data.split_dir=SPLIT_LIST_DIR
 
-Table 1 trains one run per scorer and shot, in `DIR/<scorer>_<shot>shot`, and scores each with its own
-scorer. Table 2 has two readings. By default it trains one TAM run per shot (the same `DIR/tam_<shot>shot`
-as Table 1's) and scores it with every alignment scorer from the same embeddings: how much each scorer
-gets out of TAM's features (`DIR/table2.md`). With `--train-each` it trains one run per scorer and shot,
+Table 1 trains one run per method and shot, in `DIR/<scorer>_<shot>shot`, and scores each with its own
+method (a method's `episodes_per_step`, TRX's 16, sets its runs' episodes per step). Table 2 has two
+readings. By default it trains one TAM run per shot (the same `DIR/tam_<shot>shot` as Table 1's) and
+scores it with every alignment scorer from the same embeddings: how much each scorer gets out of TAM's
+features (`DIR/table2.md`). With `--train-each` it trains one run per scorer and shot,
 like Table 1, each scored with the scorer it was trained with: the paper's rows read this way
 (`DIR/table2_train_each.md`). Runs use `tam_jax.train.train` (a run already in DIR resumes, a finished one
 is left alone, one trained with another config is an error naming the keys) and
 `tam_jax.eval_workdir.evaluate_workdir` (records already in the run's `results.json` for the same checkpoint
 and episode count are reused). Our accuracy is in percent with its 95% interval, beside the published
-number where the dataset is the paper's (Kinetics-100 or Something-Something-V2 full, from
+number where one is published (Kinetics-100, Something-Something-V2 full, UCF101, HMDB51; from
 `config.data.tfds_name` or `--paper`); Table 1 then also lists the rows the paper quotes from CMN's paper
 (Matching Net, MAML, CMN), which are not trained here. `--shots` and `--scorers` narrow the table; every
 `--config.a.b=value` override applies to every run.
@@ -32,39 +34,25 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from tam_jax import errors, fewshot
+from tam_jax import errors, methods
 from tam_jax.configuration import PLAN_AUTO, csv_values
 from tam_jax.errors import FlagError, UserError
 from tam_jax.files import atomic_write, write_text
 
-# (scorer, the paper's row label), in the paper's order.
-TABLE1 = (("tsn", "TSN++"), ("cmn", "CMN++"), ("trn", "TRN++"), ("tam", "TAM"))
-TABLE2 = (
-    ("min", "Min"), ("mean", "Mean"), ("diagonal", "Diagonal"), ("plain_dtw", "Plain DTW"), ("tam", "TAM")
-)
-
-PAPER = "Cao et al., Few-Shot Video Classification via Temporal Alignment, CVPR 2020"
-# Published 5-way accuracies (%) per dataset, {row: (1-shot, 5-shot)}, from the paper's Tables 1 and 2
-# (Table 2's TAM row is Table 1's). None: not reported.
-PUBLISHED = {
-    "kinetics": ("Kinetics-100", {
-        "matching_net": (53.3, 74.6), "maml": (54.2, 75.3), "cmn_paper": (60.5, 78.9),
-        "tsn": (64.5, 77.9), "cmn": (65.4, 78.8), "trn": (68.4, 82.0), "tam": (73.0, 85.8),
-        "min": (52.4, 71.6), "mean": (67.8, 78.9), "diagonal": (66.2, 79.3), "plain_dtw": (69.2, 80.6),
-    }),
-    "ssv2_full": ("Something-Something-V2 full", {
-        "matching_net": (None, None), "maml": (None, None), "cmn_paper": (None, None),
-        "tsn": (33.6, 43.0), "cmn": (34.4, 43.8), "trn": (38.6, 48.9), "tam": (42.8, 52.3),
-        "min": (29.7, 38.5), "mean": (35.2, 45.3), "diagonal": (38.3, 48.7), "plain_dtw": (39.6, 49.0),
-    }),
-}
+# The datasets with published numbers: key -> name. A method's published accuracies are its `published`
+# (`tam_jax.methods`); SSv2 "full" is the OTAM split, UCF101 and HMDB51 the ARN splits.
+DATASETS = {"kinetics": "Kinetics-100", "ssv2_full": "Something-Something-V2 full (the OTAM split)",
+            "ucf101": "UCF101 (the ARN split)", "hmdb51": "HMDB51 (the ARN split)"}
 # Table 1's rows that the paper copies from CMN's paper (Zhu & Yang, ECCV 2018): printed, never trained.
-QUOTED = (("matching_net", "Matching Net"), ("maml", "MAML"), ("cmn_paper", "CMN"))
-PUBLISHED_NOTE = (
-    "Published numbers: the paper's Tables 1 and 2 (- where it reports none); Matching Net, MAML and CMN "
-    "are quoted there from CMN's paper and are not trained here."
-)
-# config.data.tfds_name -> PUBLISHED key (the dataset configs set it even when reading frame folders).
+# {row: (label, {dataset: (1-shot, 5-shot)})}
+QUOTED = {
+    "matching_net": ("Matching Net", {"kinetics": (53.3, 74.6), "ssv2_full": (None, None)}),
+    "maml": ("MAML", {"kinetics": (54.2, 75.3), "ssv2_full": (None, None)}),
+    "cmn_paper": ("CMN", {"kinetics": (60.5, 78.9), "ssv2_full": (None, None)}),
+}
+QUOTED_NOTE = ("Matching Net, MAML and CMN are quoted in Cao et al.'s Table 1 from CMN's paper and not "
+               "trained here.")
+# config.data.tfds_name -> DATASETS key (the dataset configs set it even when reading frame folders).
 DATASET_OF_TFDS_NAME = {"kinetics100_fewshot": "kinetics", "ssv2_fewshot/full": "ssv2_full"}
 
 
@@ -92,8 +80,8 @@ def dataset_key(config: ml_collections.ConfigDict, paper: str = "auto") -> str |
         return DATASET_OF_TFDS_NAME.get(config.data.tfds_name)
     if paper == "none":
         return None
-    if paper not in PUBLISHED:
-        raise FlagError(f"--paper={paper}: not one of auto, none, {', '.join(PUBLISHED)}.")
+    if paper not in DATASETS:
+        raise FlagError(f"--paper={paper}: not one of auto, none, {', '.join(DATASETS)}.")
     return paper
 
 
@@ -104,13 +92,15 @@ def run_config(base: ml_collections.ConfigDict, scorer: str, shot: int, scorers)
     config.alignment.bidirectional = base.alignment.bidirectional and scorer == "tam"
     config.fewshot.shot = shot
     config.eval.shots = ""
-    config.eval.scorers = ",".join(s for s in scorers if s not in fewshot.HEAD_SCORERS or s == scorer)
+    config.eval.scorers = ",".join(s for s in scorers if not methods.get(s).learned or s == scorer)
+    if methods.get(scorer).episodes_per_step:  # the method's paper averages gradients over this many
+        config.train.episodes_per_step = methods.get(scorer).episodes_per_step
     return config
 
 
 # Config keys that do not change what a run learns; every other key of these sections must match the
 # `config.json` of a run that is resumed or reused (num_steps may grow: the run then trains on).
-_TRAINING_SECTIONS = ("seed", "data", "model", "fewshot", "alignment", "head", "train")
+_TRAINING_SECTIONS = ("seed", "data", "model", "fewshot", "alignment", "methods", "train")
 _FREE_KEYS = {
     "data.num_workers", "data.num_threads", "data.prefetch", "train.num_steps", "train.log_every_steps",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.val_every_steps", "train.val_episodes",
@@ -120,9 +110,9 @@ _FREE_KEYS = {
 
 def _scale(config: ml_collections.ConfigDict, mode: str) -> float | str:
     """The logit scale `mode` gives config's scorer (the mode itself when it is not a known one)."""
-    if mode not in fewshot.LOGIT_SCALES:
+    if mode not in methods.LOGIT_SCALES:
         return mode
-    return fewshot.logit_scale(config.fewshot.scorer, config.data.num_frames, mode)
+    return methods.logit_scale(config.fewshot.scorer, config.data.num_frames, mode)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -145,13 +135,13 @@ def check_same_training(config: ml_collections.ConfigDict, workdir: str) -> None
     saved = _flatten(json.loads(read_config(workdir).to_json_best_effort()))
     now = _flatten(json.loads(config.to_json_best_effort()))
     sections = set(_TRAINING_SECTIONS)
-    if config.fewshot.scorer not in fewshot.HEAD_SCORERS:
-        sections.discard("head")  # only TRN++ / CMN++ runs have a head
+    own = f"methods.{config.fewshot.scorer}."  # only the run's own method's options change what it learns
     if _scale(config, saved["fewshot.logit_scale"]) == _scale(config, config.fewshot.logit_scale):
         saved["fewshot.logit_scale"] = config.fewshot.logit_scale  # another name, the same training
     differ = sorted(
         k for k in now.keys() & saved.keys()
         if k.split(".")[0] in sections and k not in _FREE_KEYS and now[k] != saved[k]
+        and (not k.startswith("methods.") or k.startswith(own))
         and now[k] != PLAN_AUTO.get(k)  # left to the plan: the run's stored plan is reused (tam_jax.plan)
     )
     if differ:
@@ -209,8 +199,11 @@ def train_and_score(config: ml_collections.ConfigDict, workdir: str, scorers) ->
 
 
 def table_rows(table: int, scorers=()) -> tuple[tuple[str, str], ...]:
-    """(scorer, label) rows of Table `table`, restricted to `scorers` when given (in the paper's order)."""
-    rows = {1: TABLE1, 2: TABLE2}[table]
+    """(method, label) rows of Table `table`: the registered methods that are its rows (`tables`), in
+    the paper's order, restricted to `scorers` when given."""
+    members = [methods.get(name) for name in methods.names()]
+    rows = tuple((m.name, m.label) for m in sorted((m for m in members if table in m.tables),
+                                                  key=lambda m: m.tables[table]))
     unknown = [m for m in scorers if m not in {s for s, _ in rows}]
     if unknown:
         raise FlagError(f"--scorers={','.join(scorers)}: {', '.join(unknown)} "
@@ -259,17 +252,27 @@ def table_name(table: int, train_each: bool = False) -> str:
 
 
 def _all_rows(table: int, rows, key: str | None):
-    """(row id, label, trained here) of the table: Table 1 starts with the quoted rows when the dataset
-    is the paper's."""
-    quoted = tuple((r, label, False) for r, label in QUOTED) if table == 1 and key else ()
+    """(row id, label, trained here) of the table: Table 1 starts with the quoted rows that have numbers
+    on the dataset."""
+    quoted = tuple((r, label, False) for r, (label, numbers) in QUOTED.items()
+                   if table == 1 and key in numbers)
     return quoted + tuple((r, label, True) for r, label in rows)
 
 
 def _published(key: str | None, row: str, shot: int) -> float | None:
+    """The published accuracy (%) of `row` (a method or a quoted row) on dataset `key` at `shot`."""
     if key is None or shot not in (1, 5):
         return None
-    pair = PUBLISHED[key][1].get(row)
+    numbers = QUOTED[row][1] if row in QUOTED else methods.get(row).published
+    pair = numbers.get(key)
     return None if pair is None else pair[0 if shot == 1 else 1]
+
+
+def published_note(table: int, rows, key: str) -> str:
+    """Where the published column comes from: each trained row's citation, and the quoted rows."""
+    sources = dict.fromkeys(methods.get(r).citation for r, _ in rows if methods.get(r).published.get(key))
+    note = f"Published numbers on {DATASETS[key]}: " + "; ".join(filter(None, sources)) + " (- where none)."
+    return note + (f" {QUOTED_NOTE}" if any(key in n for _, n in QUOTED.values()) and table == 1 else "")
 
 
 def _percent(value: float | None, digits: int = 1) -> str:
@@ -300,7 +303,7 @@ def format_markdown(
     for shot in shots:
         header += [f"{shot}-shot"] + ([f"{shot}-shot (paper)"] if key else [])
     if key:
-        lines.append(f"Paper: {PAPER}, {PUBLISHED[key][0]}. {PUBLISHED_NOTE}")
+        lines.append(published_note(table, rows, key))
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row_id, label, trained in _all_rows(table, rows, key):
         row = [label if trained else f"{label} (quoted)"]
@@ -344,13 +347,14 @@ def write_table(workdir: str, table: int, rows, shots, cells: dict, key: str | N
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the runs (one sub-folder each) and the tables.")
-_TABLE = flags.DEFINE_enum("table", None, ["1", "2"], "1: TSN++, CMN++, TRN++, TAM; 2: scorers of TAM runs.")
+_TABLE = flags.DEFINE_enum("table", None, ["1", "2"],
+                           "1: TSN++, CMN++, TRN++, TAM, TRX; 2: scorers of TAM runs.")
 _SHOTS = flags.DEFINE_string("shots", "1,5", "Comma-separated shots (columns).")
 _SCORERS = flags.DEFINE_string("scorers", "", "Comma-separated rows to run (default: all of the table's).")
 _TRAIN_EACH = flags.DEFINE_bool(
     "train-each", False, "Table 2 only: train one run per scorer (the paper's reading) instead of scoring "
     "one TAM run's features with every scorer.")
-_PAPER = flags.DEFINE_enum("paper", "auto", ["auto", "none", *PUBLISHED],
+_PAPER = flags.DEFINE_enum("paper", "auto", ["auto", "none", *DATASETS],
                            "Published numbers beside ours: auto (by config.data.tfds_name), none, a dataset.")
 flags.mark_flags_as_required(["config", "workdir", "table"])
 

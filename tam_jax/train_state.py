@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tam_jax import checkpoints, fewshot, heads, models
+from tam_jax import checkpoints, fewshot, methods, models
 from tam_jax.checkpoints import CheckpointMismatchError
 from tam_jax.errors import ConfigError
 
@@ -28,7 +28,8 @@ class TrainState:
     """Everything a train step changes.
 
     params: {"embedder": backbone parameters, "log_temperature": scalar (only when learned),
-      "head": TRN++ / CMN++ head parameters (only for fewshot.scorer "trn" / "cmn", `tam_jax.heads`)}.
+      "head": the parameters of a learned method (fewshot.scorer "trn", "cmn", "trx", ...:
+      `tam_jax.methods`)}.
     batch_stats: BatchNorm running statistics of the embedder.
     opt_state: the optimiser's state (None in a state restored for inference).
     """
@@ -46,13 +47,14 @@ def embedder_variables(state: TrainState) -> dict:
 
 def temperature(params, config: ml_collections.ConfigDict) -> jax.Array:
     """Eq. 8's effective temperature, a scalar: the configured one (or the learned one, clamped to
-    [fewshot.min_temperature, fewshot.max_temperature]) divided by the scorer's `fewshot.logit_scale`."""
+    [fewshot.min_temperature, fewshot.max_temperature]) divided by the method's logit scale
+    (`tam_jax.methods.logit_scale`)."""
     fs = config.fewshot
     if fs.learn_temperature:
         base = fewshot.bounded_temperature(params["log_temperature"], fs.min_temperature, fs.max_temperature)
     else:
         base = jnp.float32(fs.temperature)
-    return base / fewshot.logit_scale(fs.scorer, config.data.num_frames, fs.logit_scale)
+    return base / methods.logit_scale(fs.scorer, config.data.num_frames, fs.logit_scale)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -108,12 +110,10 @@ def create_train_state(
     params = {"embedder": variables["params"]}
     if config.fewshot.learn_temperature:
         params["log_temperature"] = jnp.log(jnp.float32(config.fewshot.temperature))
-    head = heads.build_head(config)
-    if head is not None:
-        params["head"] = heads.init_params(
-            head, config.data.num_frames, models.feature_dim(config.model.arch),
-            jax.random.fold_in(jax.random.key(config.seed), 1),
-        )
+    method = methods.build(config.fewshot.scorer, config)
+    if method.learned:
+        params["head"] = method.init(jax.random.fold_in(jax.random.key(config.seed), 1),
+                                     config.data.num_frames, models.feature_dim(config.model.arch))
 
     def init(params, batch_stats):
         return TrainState(

@@ -32,7 +32,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tam_jax import fewshot, frame_chunks, heads, models
+from tam_jax import fewshot, frame_chunks, methods, models
 from tam_jax.train_state import TrainState, temperature
 
 
@@ -66,24 +66,30 @@ def embed_episode(params, batch_stats, batch: dict, *, model: models.FrameEmbedd
     return features.reshape(*videos.shape[:2], *features.shape[1:]), batch_stats
 
 
-def episode_logits(params, features: jax.Array, num_support: int, config: ml_collections.ConfigDict):
-    """Eq. 8's logits of every query: features `[E, way*shot + Nq, T, D]` (support first) ->
-    `[E, Nq, way]`, scored with `config.fewshot.scorer` (and its learned head, if any)."""
-    head, head_query, head_support = heads.build_head(config), None, None
-    if head is not None:  # TRN++ / CMN++: one embedding per video, [E, N, F] (tam_jax.heads)
-        vectors = heads.video_embeddings(head, params["head"], features)
-        head_query, head_support = vectors[:, num_support:], vectors[:, :num_support]
-    distances = jax.vmap(
-        functools.partial(
-            fewshot.class_distances,
-            way=config.fewshot.way,
-            shot=config.fewshot.shot,
-            scorer=config.fewshot.scorer,
-            lam=config.alignment.lam,
-            bidirectional=config.alignment.bidirectional,
-        )
-    )(features[:, num_support:], features[:, :num_support], head_query, head_support)
+def episode_logits(params, features: jax.Array, num_support: int, config: ml_collections.ConfigDict,
+                   rngs: jax.Array | None = None):
+    """Eq. 8's logits of every query: features `[E, way*shot + Nq, T, D]` (support first, class-major) ->
+    `[E, Nq, way]`, from the class distances of `config.fewshot.scorer` (`tam_jax.methods`; a learned
+    method's parameters are params["head"], `rngs` `[E]` its per-episode keys, None in evaluation)."""
+    method = methods.build(config.fewshot.scorer, config)
+    labels = methods.episode_labels(config.fewshot.way, config.fewshot.shot)
+    head = params.get("head")
+
+    def one_episode(episode_features, rng):
+        embedded = method.video_embeddings(head, episode_features)
+        return method.class_distances(head, embedded[num_support:], embedded[:num_support], labels,
+                                      config.fewshot.way, rng=rng)
+
+    distances = jax.vmap(one_episode)(features, rngs)
     return fewshot.logits_from_distances(distances, temperature(params, config))
+
+
+def episode_rngs(config: ml_collections.ConfigDict, step: jax.Array, episode_index: jax.Array) -> jax.Array:
+    """One key per episode, `[E]` from int `[E]` steps and indices, for a learned method's randomness
+    (dropout): a function of the seed, the step and the episode's index in the step alone, so no device
+    count or micro-batch split changes it."""
+    base = jax.random.fold_in(jax.random.key(config.seed), 2)  # 1 initialises the method's parameters
+    return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.fold_in(base, s), i))(step, episode_index)
 
 
 def episode_loss(params, batch_stats, batch: dict, *, model: models.FrameEmbedder,
@@ -97,7 +103,10 @@ def episode_loss(params, batch_stats, batch: dict, *, model: models.FrameEmbedde
     features, batch_stats = embed_episode(
         params, batch_stats, batch, model=model, chunks=config.train.embed_chunks, unroll=unroll
     )
-    logits = episode_logits(params, features, batch["support"].shape[1], config)
+    rngs = None
+    if "episode_index" in batch:  # a learned method trains with randomness (train_step adds it)
+        rngs = episode_rngs(config, batch["step"], batch["episode_index"])
+    logits = episode_logits(params, features, batch["support"].shape[1], config, rngs)
     labels = batch["query_labels"]
     loss = fewshot.cross_entropy(logits, labels)
     chex.assert_type([features, logits, loss], jnp.float32)
@@ -161,8 +170,16 @@ def make_train_step(config: ml_collections.ConfigDict, model, optimizer, mesh: M
     k = config.train.episodes_per_step // micro
     # Each micro-batch stays sharded over "data": its episodes are embedded on the devices that hold them.
     micro_sharded = NamedSharding(mesh, P(None, "data"))
+    replicated = NamedSharding(mesh, P())
+    sharded = NamedSharding(mesh, P("data"))
+
+    learned = methods.get(config.fewshot.scorer).learned
 
     def train_step(state: TrainState, batch: dict):
+        if learned:  # each episode's own random key (`episode_rngs`), whatever the micro-batch split
+            episodes = batch["query_labels"].shape[0]
+            index = jax.lax.with_sharding_constraint(jnp.arange(episodes, dtype=jnp.int32), sharded)
+            batch = dict(batch, episode_index=index, step=jnp.broadcast_to(state.step, (episodes,)))
         loss_fn = functools.partial(episode_loss, model=model, config=config, unroll=unroll)
         if k == 1:
             (_, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -176,8 +193,6 @@ def make_train_step(config: ml_collections.ConfigDict, model, optimizer, mesh: M
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
 
-    replicated = NamedSharding(mesh, P())
-    sharded = NamedSharding(mesh, P("data"))
     return jax.jit(
         train_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
         donate_argnums=(0,),

@@ -33,12 +33,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tam_jax import alignment, cli, errors, progress
+from tam_jax import alignment, cli, errors, methods, progress
 from tam_jax.errors import UserError
 from tam_jax.files import atomic_write, write_text
 
 PATH_GID = "tam_path"  # the gid of the path overlay's markers, so tests can find them
-_SCORER_NAMES = {"tam": "TAM", "plain_dtw": "plain DTW"}
 _log = logging.getLogger(__spec__.name if __spec__ else __name__)  # not "__main__" under python -m
 _DPI = 150
 
@@ -150,7 +149,7 @@ def plot_alignment(maps: dict, query_frames: np.ndarray, support_frames: np.ndar
     """A figure of two panels: frame distances and soft alignment `[Tq, Ts]`, each with the hard path
     (`maps["path"]`, red squares) and uint8 frames `[T, h, w, 3]` along both axes. Returns the Figure."""
     tq, ts = maps["distance"].shape
-    name = _SCORER_NAMES.get(scorer, scorer)
+    name = methods.get(scorer).label
     cell = min(0.6, max(0.25, 4.0 / max(tq, ts)))
     panel = _PANEL_LEFT + cell + _PAD + ts * cell + sum(_BAR) + _PANEL_RIGHT
     width = max(2 * panel, 7.0)
@@ -232,7 +231,8 @@ def lambda_sweep(checkpoint, lams: Sequence[float], *, shots: Sequence[int] = ()
     embedded = evaluator.embed(checkpoint.state)
     records = []
     for lam in progress.track(lams, len(lams), "lambda", "value", enabled=show_progress):
-        for record in evaluator.score(embedded, lam=float(lam), scorers=(scorer,), show_progress=False):
+        method = methods.build(scorer, checkpoint.config).with_lam(lam)
+        for record in evaluator.score(embedded, scorers=(method,), show_progress=False):
             records.append({"lam": float(lam), **record, "checkpoint_step": int(checkpoint.step)})
     if len(report):
         _log.warning("%s", report.summary())
@@ -321,6 +321,11 @@ def plot_lambda(records: Sequence[dict]):
 # Command line.
 
 
+def aligning_methods() -> tuple[str, ...]:
+    """The registered methods whose alignment path can be drawn (`aligns`: TAM and plain DTW)."""
+    return tuple(name for name in methods.names() if methods.get(name).aligns)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tam_jax.visualize", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -331,7 +336,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     pair.add_argument("--out", required=True, help="PNG to write (the numbers go beside it as .json)")
     pair.add_argument("--lam", type=cli.lam_value,
                       help="soft-alignment temperature (default: the checkpoint's)")
-    pair.add_argument("--scorer", choices=("tam", "plain_dtw"), default="tam")
+    pair.add_argument("--scorer", choices=aligning_methods(), default="tam")
     sweep = commands.add_parser("lambda", help="accuracy against lambda (Fig. 5)")
     source = sweep.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="evaluate this training workdir or checkpoint")
@@ -345,7 +350,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     sweep.add_argument("--episodes", type=cli.int_at_least(1),
                        help="episodes per point (default: config eval.num_episodes)")
     sweep.add_argument("--split", help="split to evaluate (default: config eval.split)")
-    sweep.add_argument("--scorer", choices=("tam", "plain_dtw"), default="tam")
+    sweep.add_argument("--scorer", choices=aligning_methods(), default="tam")
     for command in (pair, sweep):
         command.add_argument("--devices", type=cli.int_at_least(0, "0: all"), default=1,
                              help="devices to embed on (0: all)")

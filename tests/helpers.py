@@ -4,7 +4,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from tam_jax import hosts, models, train_state
+from tam_jax import hosts, methods, models, train_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,6 +74,9 @@ def flags_for(config):
                               if base.data.demo.get(k) != v]
             elif base[section][key] != value:
                 overrides.append(f"--config.{section}.{key}={value}")
+    for name, options in config.methods.items():  # --config.methods.NAME.KEY=VALUE (tam_jax.cli)
+        defaults = methods.get(name).defaults
+        overrides += [f"--config.methods.{name}.{k}={v}" for k, v in options.items() if defaults.get(k) != v]
     return overrides
 
 

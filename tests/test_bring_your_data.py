@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from tam_jax import eval_workdir, fewshot, predict
+from tam_jax import eval_workdir, methods, predict
 from tam_jax.tools import import_weights as iw
 from tests import realdata
 from tests.helpers import REPO, load_config
@@ -71,7 +71,7 @@ def test_split_folders_of_frames_train_and_evaluate_with_only_a_root(data, frame
     assert "prefetch_buffer_size" not in done.stderr
     assert library_warnings(done.stderr) == []
     results = json.loads((workdir / "results.json").read_text())
-    assert {r["scorer"] for r in results} == set(fewshot.SCORERS)
+    assert {r["scorer"] for r in results} == set(methods.names(learned=False))
     assert all(r["checkpoint_step"] == 2 and r["episodes"] == 4 for r in results)
 
 
@@ -119,7 +119,7 @@ def test_an_imported_backbone_is_evaluated_on_otam_lists_over_split_folders(data
     assert "evaluating the backbone config.model.init_from=" in done.stderr  # a log message
     assert library_warnings(done.stderr) == []
     results = json.loads((workdir / "results.json").read_text())
-    assert {r["scorer"] for r in results} == set(fewshot.SCORERS)
+    assert {r["scorer"] for r in results} == set(methods.names(learned=False))
     assert all(r["checkpoint_step"] == 0 and r["init_from"] == str(imported_tiny) for r in results)
     assert all(r["split"] == "test" and 0 <= r["accuracy"] <= 1 for r in results)
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tam_jax import fewshot
+from tam_jax import evaluate, methods
 from tam_jax.checkpoints import read_config
 from tam_jax.configuration import apply_config_arg, config_from_json, default_config, eval_queries
 from tam_jax.errors import ConfigError
@@ -34,8 +34,16 @@ def test_a_saved_value_of_the_wrong_type_is_refused():
         config_from_json({"train": {"num_steps": 2.5}})
 
 
-def test_default_scorers_are_every_frame_feature_scorer():
-    assert default_config().eval.scorers.split(",") == list(fewshot.SCORERS)
+def test_default_scorers_are_every_method_without_parameters_then_the_runs_own():
+    config = default_config()
+    assert evaluate.eval_scorers(config) == ("tam", "plain_dtw", "diagonal", "mean", "min", "tsn")
+    config.fewshot.scorer = "trx"
+    assert evaluate.eval_scorers(config) == ("trx", "tam", "plain_dtw", "diagonal", "mean", "min", "tsn")
+
+
+def test_saved_method_options_come_back_with_the_config():
+    config = config_from_json({"methods": {"trx": {"dim": 64}}, "fewshot": {"scorer": "trx"}})
+    assert config.methods.trx.dim == 64 and methods.build("trx", config).options.dim == 64
 
 
 @pytest.mark.e2e

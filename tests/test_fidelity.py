@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tam_jax import alignment, evaluate, fewshot, hosts, models, reproduce, train_state
+from tam_jax import alignment, evaluate, fewshot, hosts, methods, models, reproduce, train_state
 from tam_jax.config_checks import validate
 from tam_jax.configuration import default_config, eval_queries
 from tests.helpers import load_config, tiny_config
@@ -53,14 +53,14 @@ def test_validation_episodes_use_the_evaluation_query_count(monkeypatch):
 
     def fake_evaluate_embeddings(embeddings, labels, **kwargs):
         seen.update(kwargs)
-        return {kwargs["scorers"][0]: np.array([1.0])}
+        return {kwargs["scorers"][0].name: np.array([1.0])}
 
     from tam_jax.data.report import SkipReport
 
     monkeypatch.setattr(evaluate, "evaluate_embeddings", fake_evaluate_embeddings)
     validator = evaluate.FewShotEvaluator.for_validation(
         config, hosts.make_mesh(1), models.build_embedder(config.model), SkipReport())
-    embedded = evaluate.Embedded(np.zeros((10, 4, 8), np.float32), None, np.arange(10))
+    embedded = evaluate.Embedded(np.zeros((10, 4, 8), np.float32), np.arange(10))
     assert validator.score(embedded)[0]["accuracy"] == 1.0
     assert seen["queries"] == 1 != config.fewshot.queries
 
@@ -142,15 +142,16 @@ def test_temperature_and_scale_config_errors_name_the_key(key, value, match):
 
 
 def test_logit_scale_per_scorer():
-    for scorer in fewshot.ALL_SCORERS:
+    for scorer in methods.names():
         baseline = scorer in ("tsn", "trn", "cmn")  # Table 1's: T; Table 2's: Eq. 8 as the paper trains them
-        assert fewshot.logit_scale(scorer, 8) == (8.0 if baseline else 1.0), scorer
-        assert fewshot.logit_scale(scorer, 8, "frames") == (1.0 if scorer in ("tam", "plain_dtw") else 8.0)
-        assert fewshot.logit_scale(scorer, 8, "none") == 1.0
+        assert methods.logit_scale(scorer, 8) == (8.0 if baseline else 1.0), scorer
+        summing = scorer in ("tam", "plain_dtw", "trx")  # [0, 2T], and TRX's unbounded squared distances
+        assert methods.logit_scale(scorer, 8, "frames") == (1.0 if summing else 8.0), scorer
+        assert methods.logit_scale(scorer, 8, "none") == 1.0
     with pytest.raises(ValueError, match="logit_scale"):
-        fewshot.logit_scale("tam", 8, "auto")
+        methods.logit_scale("tam", 8, "auto")
     with pytest.raises(ValueError, match="otam"):
-        fewshot.logit_scale("otam", 8)
+        methods.logit_scale("otam", 8)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -158,7 +159,6 @@ def test_logit_scale_per_scorer():
 
 
 def test_published_numbers_are_the_papers():
-    kinetics, ssv2 = reproduce.PUBLISHED["kinetics"][1], reproduce.PUBLISHED["ssv2_full"][1]
     table1 = {"matching_net": (53.3, 74.6, None, None), "maml": (54.2, 75.3, None, None),
               "cmn_paper": (60.5, 78.9, None, None), "tsn": (64.5, 77.9, 33.6, 43.0),
               "cmn": (65.4, 78.8, 34.4, 43.8), "trn": (68.4, 82.0, 38.6, 48.9),
@@ -166,24 +166,32 @@ def test_published_numbers_are_the_papers():
     table2 = {"min": (52.4, 71.6, 29.7, 38.5), "mean": (67.8, 78.9, 35.2, 45.3),
               "diagonal": (66.2, 79.3, 38.3, 48.7), "plain_dtw": (69.2, 80.6, 39.6, 49.0),
               "tam": (73.0, 85.8, 42.8, 52.3)}
+    published = lambda row: tuple(reproduce._published(key, row, shot)
+                                  for key in ("kinetics", "ssv2_full") for shot in (1, 5))
     for row, numbers in {**table1, **table2}.items():
-        assert (*kinetics[row], *ssv2[row]) == numbers, row
+        assert published(row) == numbers, row
+    # TRX (Perrett et al., CVPR 2021, Table 1): 5-way 5-shot only.
+    assert [reproduce._published(key, "trx", 5) for key in ("kinetics", "ssv2_full", "hmdb51", "ucf101")] == [
+        85.9, 64.6, 75.6, 96.1]
+    assert reproduce._published("kinetics", "trx", 1) is None
 
 
 def test_table1_on_a_paper_dataset_lists_the_quoted_rows_untrained(tmp_path):
     cells = {(s, k): reproduce.Cell(s, k, 0.5, 0.01, 100, 7, str(tmp_path / f"{s}_{k}shot"))
-             for s, _ in reproduce.TABLE1 for k in (1, 5)}
-    text = reproduce.format_markdown(1, reproduce.TABLE1, (1, 5), cells, "ssv2_full")
+             for s, _ in reproduce.table_rows(1) for k in (1, 5)}
+    text = reproduce.format_markdown(1, reproduce.table_rows(1), (1, 5), cells, "ssv2_full")
     rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
     assert [r.split(" | ")[0] for r in rows] == [
         "| Matching Net (quoted)", "| MAML (quoted)", "| CMN (quoted)", "| TSN++", "| CMN++", "| TRN++",
-        "| TAM"]
+        "| TAM", "| TRX"]
     assert rows[0] == "| Matching Net (quoted) | not trained | - | not trained | - |"
-    assert rows[-1] == "| TAM | 50.0 ± 1.0 | 42.8 | 50.0 ± 1.0 | 52.3 |"
-    reproduce.write_table(str(tmp_path), 1, reproduce.TABLE1, (1, 5), cells, "kinetics")
+    assert rows[-2] == "| TAM | 50.0 ± 1.0 | 42.8 | 50.0 ± 1.0 | 52.3 |"
+    assert rows[-1] == "| TRX | 50.0 ± 1.0 | - | 50.0 ± 1.0 | 64.6 |"
+    reproduce.write_table(str(tmp_path), 1, reproduce.table_rows(1), (1, 5), cells, "kinetics")
     csv_lines = (tmp_path / "table1.csv").read_text().splitlines()
     assert csv_lines[1] == "Matching Net,,,,53.3,,,74.6,"
-    assert csv_lines[-1] == "TAM,tam,50.00,1.00,73.0,50.00,1.00,85.8,100"
+    assert csv_lines[-2] == "TAM,tam,50.00,1.00,73.0,50.00,1.00,85.8,100"
+    assert csv_lines[-1] == "TRX,trx,50.00,1.00,,50.00,1.00,85.9,100"
 
 
 @pytest.mark.parametrize("train_each", [False, True])
@@ -196,7 +204,7 @@ def test_table2_trains_one_tam_run_or_one_run_per_scorer(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(reproduce, "train_and_score", fake_train_and_score)
     reproduce.reproduce(tiny_config(), str(tmp_path), table=2, shots=(1,), train_each=train_each)
-    names = [s for s, _ in reproduce.TABLE2]
+    names = [s for s, _ in reproduce.table_rows(2)]
     if train_each:
         assert runs == [(s, f"{s}_1shot", (s,)) for s in names]
         assert "each trained with its own scorer" in (tmp_path / "table2_train_each.md").read_text()

@@ -11,11 +11,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from tam_jax import alignment, fewshot, heads, hosts, models, train_state, train_step
+from tam_jax import alignment, fewshot, hosts, methods, models, train_state, train_step
 from tests.helpers import tiny_config
 
 WAY = 5
@@ -32,7 +33,7 @@ def learning_config(scorer: str, num_steps: int = 6):
     config.train.schedule = "constant"
     config.train.learning_rate = 1e-2
     config.fewshot.scorer = scorer
-    config.head.dim = 16
+    config.methods = ml_collections.ConfigDict({scorer: {"dim": 16}} if methods.get(scorer).learned else {})
     return config
 
 
@@ -55,9 +56,9 @@ def fixed_batch(config, noise: float = 60.0, seed: int = 0) -> dict:
 def distance_fn(config, model):
     """A jitted `(params, batch_stats, batch) -> [E, Nq, way]` class distances of the batch's queries, the
     videos embedded as the train step embeds them (BatchNorm on the batch's statistics)."""
-    scorer, lam = config.fewshot.scorer, config.alignment.lam
+    method = methods.build(config.fewshot.scorer, config)
     way, shot = config.fewshot.way, config.fewshot.shot
-    head = heads.build_head(config)
+    labels = methods.episode_labels(way, shot)
 
     @jax.jit
     def distances(params, batch_stats, batch):
@@ -67,13 +68,10 @@ def distance_fn(config, model):
         variables = {"params": params["embedder"], "batch_stats": batch_stats}
         features = model.apply(variables, videos, train=True, mutable=["batch_stats"])[0]
         features = features.reshape(episodes, -1, *features.shape[1:])
-        head_query = head_support = None
-        if head is not None:
-            vectors = heads.video_embeddings(head, params["head"], features)
-            head_query, head_support = vectors[:, num_support:], vectors[:, :num_support]
-        score = functools.partial(fewshot.class_distances, way=way, shot=shot, scorer=scorer, lam=lam)
-        query, support = features[:, num_support:], features[:, :num_support]
-        return jax.vmap(score)(query, support, head_query, head_support), features
+        head = params.get("head")
+        vectors = jax.vmap(lambda f: method.video_embeddings(head, f))(features)
+        score = lambda q, s: method.class_distances(head, q, s, labels, way)
+        return jax.vmap(score)(vectors[:, num_support:], vectors[:, :num_support]), features
 
     def run(params, batch_stats, batch):
         """-> (float64 distances `[E, Nq, way]`, float64 frame features `[E, way*shot + Nq, T, D]`)."""
@@ -121,7 +119,7 @@ def test_eq8_by_hand_on_a_two_way_episode():
 
 @pytest.mark.parametrize(("scorer", "temperature", "scale"), [("tsn", 2.0, 4), ("tam", 0.5, 1)])
 def test_episode_loss_is_eq8_by_hand_with_temperature_and_logit_scale(scorer, temperature, scale):
-    # TSN++: the distance is one cosine in [0, 2], multiplied by T = 4 (fewshot.logit_scale "paper"); TAM's
+    # TSN++: the distance is one cosine in [0, 2], multiplied by T = 4 (methods.logit_scale "paper"); TAM's
     # sums T cosines and keeps scale 1.
     config = learning_config(scorer)
     config.fewshot.temperature = temperature
@@ -142,7 +140,7 @@ def test_episode_loss_is_eq8_by_hand_with_temperature_and_logit_scale(scorer, te
     assert float(metrics["accuracy"]) == pytest.approx(nearest_class_accuracy(distances, labels))
 
 
-@pytest.mark.parametrize("scorer", fewshot.ALL_SCORERS)
+@pytest.mark.parametrize("scorer", methods.names())
 def test_a_few_steps_on_a_fixed_batch_fit_it(scorer):
     config = learning_config(scorer)
     batch = fixed_batch(config)
@@ -155,15 +153,18 @@ def test_a_few_steps_on_a_fixed_batch_fit_it(scorer):
     assert eq8_loss(after, labels, 1.0) < eq8_loss(before, labels, 1.0) - 0.1
     assert nearest_class_accuracy(after, labels) >= 0.8 > 1 / WAY
     floor = fewshot.loss_floor(WAY, 2.0)
-    if scorer in (*fewshot.SUMMING_SCORERS, *fewshot.BASELINE_SCORERS):
+    # Flat-softmax bound: a [0, 2] distance at logit scale 1 (Table 2's diagonal, mean, min).
+    unit = methods.get(scorer).distance_range == "unit"
+    bounded = unit and methods.logit_scale(scorer, config.data.num_frames) == 1
+    if not bounded:
         assert history[-1]["loss"] < 0.5 * history[0]["loss"]
     else:  # bounded below by the floor: 1.56 -> 0.97 for mean and diagonal when written
         assert history[-1]["loss"] < history[0]["loss"] - 0.3
-    if scorer in fewshot.BASELINE_SCORERS:
+    if methods.get(scorer).baseline:
         # At scale 1 a [0, 2] distance cannot give a 5-way loss below log(1 + 4 e^-2) = 0.43 (so the
-        # baselines trained weakly); scaled by T (fewshot.logit_scale "paper" for the baselines) it can.
+        # baselines trained weakly); scaled by T (methods.logit_scale "paper" for the baselines) it can.
         assert history[-1]["loss"] < floor
-    elif scorer not in fewshot.SUMMING_SCORERS:  # Table 2's diagonal, mean, min: Eq. 8 at scale 1
+    elif bounded:  # Table 2's diagonal, mean, min: Eq. 8 at scale 1
         assert min(record["loss"] for record in history) >= floor - 1e-4
 
 

@@ -141,6 +141,20 @@ def test_step_memory_of_micro_batches_depends_on_their_size():
     assert micro.temp < 0.5 * whole.temp
 
 
+def test_the_plan_measures_the_step_of_the_runs_own_method():
+    """TRX's step holds its tuple keys, values and attention: the compiled step the plan measures is TRX's,
+    parameters (in the arguments) and activations (temp) included."""
+    config = tiny_config()
+    config.mesh.num_devices = 1
+    config.train.episodes_per_step = config.train.episodes_per_device_step = 2
+    mesh = plan.hosts.make_mesh(1)
+    _, tam = plan.compile_step(config, mesh)
+    config.fewshot.scorer = "trx"
+    config.methods = {"trx": {"dim": 256}}
+    _, trx = plan.compile_step(config, mesh)
+    assert trx.argument > tam.argument and trx.temp > tam.temp
+
+
 def _fake_checkpoint(workdir, stored: plan.Plan):
     os.makedirs(os.path.join(workdir, "checkpoints", "4"))
     plan.store_plan(str(workdir), stored)

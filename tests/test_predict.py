@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from tam_jax import alignment, fewshot, predict, train
+from tam_jax import alignment, methods, predict, train
 from tam_jax.checkpoints import resolve_checkpoint
 from tam_jax.inference import (
     CheckpointMismatchError,
@@ -157,7 +157,7 @@ def test_python_api_with_a_mapping_a_step_folder_and_hard_tam(run, tmp_path):
         "scorer": "tam", "lam": 0.0, "bidirectional": False}
     with pytest.raises(RuntimeError, match="fit"):
         classifier.predict(run.queries[0])
-    with pytest.raises(ValueError, match="learned 'trn' head"):
+    with pytest.raises(ValueError, match="'trn' is a learned method.*holds no parameters for it"):
         FewShotClassifier(classifier.model, scorer="trn")
     only_clip = str(run.support / run.classes[1] / "a")
     support = {
@@ -243,25 +243,30 @@ def test_class_distances_average_any_number_of_clips_per_class():
     query = rng.normal(size=(3, 5, 8)).astype(np.float32)
     support = rng.normal(size=(6, 5, 8)).astype(np.float32)
     equal = np.repeat(np.arange(3), 2)
-    static = ("way", "shot", "scorer", "lam", "bidirectional")
-    reference = jax.jit(fewshot.class_distances, static_argnames=static)
-    for scorer, bidirectional in [("tam", False), ("tam", True), ("tsn", False)]:
-        settings = dict(scorer=scorer, lam=0.1, bidirectional=bidirectional)
-        expected = reference(query, support, way=3, shot=2, **settings)
-        got = class_distances(query, support, equal, 3, **settings)
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6, err_msg=scorer)
+    frame_distances = alignment.cosine_distance(query[:, None], support[None])
+    for bidirectional in (False, True):  # class-major, 2 clips each: the mean of each class's 2 clips
+        per_clip = np.asarray(alignment.tam_distance(frame_distances, lam=0.1, bidirectional=bidirectional))
+        got = class_distances(query, support, equal, 3, method=method("tam", bidirectional=bidirectional))
+        np.testing.assert_allclose(got, per_clip.reshape(3, 3, 2).mean(-1), rtol=1e-5, atol=1e-6)
 
     labels = np.array([2, 0, 0, 0, 1, 2])  # 3, 1 and 2 clips, in any order
     # lam = 0, the hard minimum (alignment.pairwise_distance would trace lam and give NaN).
     per_clip = np.asarray(jax.jit(alignment.tam_distance, static_argnames="lam")(
         alignment.cosine_distance(query[:, None], support[None]), lam=0))
     expected = np.stack([per_clip[:, labels == c].mean(axis=1) for c in range(3)], axis=1)
-    got = class_distances(query, support, labels, 3, scorer="tam", lam=0.0)
+    got = class_distances(query, support, labels, 3, method=method("tam", lam=0.0))
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     pooled = jax.numpy.mean(support, axis=1)
     prototypes = np.stack([pooled[labels == c].mean(axis=0) for c in range(3)])
     np.testing.assert_allclose(
-        class_distances(query, support, labels, 3, scorer="tsn"),
+        class_distances(query, support, labels, 3, method=method("tsn")),
         alignment.cosine_distance(query.mean(axis=1), prototypes), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="support clip"):
-        class_distances(query, support, labels, 4)
+        class_distances(query, support, labels, 4, method=method("tam"))
+
+
+def method(name: str, *, lam: float = 0.1, bidirectional: bool = False):
+    """The registered method `name` at these alignment settings."""
+    config = tiny_config()
+    config.alignment.lam, config.alignment.bidirectional = lam, bidirectional
+    return methods.build(name, config)

@@ -4,9 +4,11 @@ import csv
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from tam_jax import eval_workdir, reproduce, train
+from tam_jax.checkpoints import read_config
 from tests.helpers import REPO, flags_for, tiny_config
 
 
@@ -16,7 +18,7 @@ def tiny_table_config():
     config.train.episodes_per_step = 2
     config.train.val_every_steps = 0
     config.eval.num_episodes = 20
-    config.head.dim = 16
+    config.methods = ml_collections.ConfigDict({name: {"dim": 16} for name in ("trn", "cmn", "trx")})
     return config
 
 
@@ -24,17 +26,19 @@ def tiny_table_config():
 def test_tables_train_every_run_once_then_reuse_it(tmp_path, monkeypatch):
     config = tiny_table_config()
     cells = reproduce.reproduce(config, str(tmp_path), table=1, shots=(1,))
-    assert sorted(cells) == [("cmn", 1), ("tam", 1), ("trn", 1), ("tsn", 1)]
+    assert sorted(cells) == [("cmn", 1), ("tam", 1), ("trn", 1), ("trx", 1), ("tsn", 1)]
     for (scorer, _), cell in cells.items():
         assert cell.workdir == str(tmp_path / f"{scorer}_1shot") and cell.checkpoint_step == 2
         assert cell.episodes == 20 and 0 <= cell.accuracy <= 1 and cell.ci95 > 0
     markdown = (tmp_path / "table1.md").read_text()
     assert [line.split(" | ")[0] for line in markdown.splitlines() if line.startswith("| ")][1:] == [
-        "| TSN++", "| CMN++", "| TRN++", "| TAM"
+        "| TSN++", "| CMN++", "| TRN++", "| TAM", "| TRX"
     ]
     assert "(paper)" not in markdown  # the demo is not one of the paper's datasets
     rows = list(csv.DictReader((tmp_path / "table1.csv").open()))
-    assert [r["scorer"] for r in rows] == ["tsn", "cmn", "trn", "tam"]
+    assert [r["scorer"] for r in rows] == ["tsn", "cmn", "trn", "tam", "trx"]
+    # TRX trains as its paper does: gradients averaged over 16 episodes a step.
+    assert read_config(tmp_path / "trx_1shot").train.episodes_per_step == 16
     assert float(rows[0]["1-shot"]) == pytest.approx(100 * cells[("tsn", 1)].accuracy, abs=0.01)
 
     # Finished runs with saved results are neither retrained nor re-evaluated.
@@ -73,12 +77,17 @@ def test_tables_train_every_run_once_then_reuse_it(tmp_path, monkeypatch):
 
 def test_table_layout_published_numbers_and_errors():
     cell = reproduce.Cell("tam", 1, 0.5, 0.01, 100, 7, "runs/x/tam_1shot")
-    cells = {(s, k): cell for s, _ in reproduce.TABLE1 for k in (1, 5)}
-    text = reproduce.format_markdown(1, reproduce.TABLE1, (1, 5), cells, "kinetics")
+    cells = {(s, k): cell for s, _ in reproduce.table_rows(1) for k in (1, 5)}
+    text = reproduce.format_markdown(1, reproduce.table_rows(1), (1, 5), cells, "kinetics")
     assert "| scorer | 1-shot | 1-shot (paper) | 5-shot | 5-shot (paper) |" in text
     assert "| TAM | 50.0 ± 1.0 | 73.0 | 50.0 ± 1.0 | 85.8 |" in text
     assert "| TSN++ | 50.0 ± 1.0 | 64.5 | 50.0 ± 1.0 | 77.9 |" in text
     assert "| MAML (quoted) | not trained | 54.2 | not trained | 75.3 |" in text  # from CMN's paper
+    assert "| TRX | 50.0 ± 1.0 | - | 50.0 ± 1.0 | 85.9 |" in text  # Perrett et al.: 5-shot only
+    assert "Perrett et al., CVPR 2021" in text and "Cao et al., CVPR 2020" in text
+    for dataset, trx in (("ssv2_full", "64.6"), ("ucf101", "96.1"), ("hmdb51", "75.6")):
+        text = reproduce.format_markdown(1, reproduce.table_rows(1), (1, 5), cells, dataset)
+        assert f"| TRX | 50.0 ± 1.0 | - | 50.0 ± 1.0 | {trx} |" in text, dataset
     config = tiny_config()
     assert reproduce.dataset_key(config) is None
     config.data.tfds_name = "ssv2_fewshot/full"
@@ -87,3 +96,6 @@ def test_table_layout_published_numbers_and_errors():
     with pytest.raises(ValueError, match="--scorers"):
         reproduce.table_rows(2, ("trn",))
     assert reproduce.run_config(config, "cmn", 5, ("cmn",)).eval.scorers == "cmn"
+    trx = reproduce.run_config(config, "trx", 5, ("trx", "tam"))  # TRX's paper: 16 episodes a step
+    assert trx.train.episodes_per_step == 16 and trx.eval.scorers == "trx,tam"
+    assert reproduce.run_config(config, "tam", 5, ("tam",)).train.episodes_per_step == 8

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tam_jax import eval_workdir, evaluate, hosts, models, train, train_state, train_step
+from tam_jax import eval_workdir, evaluate, hosts, methods, models, train, train_state, train_step
 from tam_jax.config_checks import validate
 from tests.helpers import REPO, flags_for, load_config, read_params, tiny_config
 
@@ -275,8 +275,8 @@ def test_cached_embeddings_give_the_same_accuracy_as_embedding_each_episode(tmp_
     clips = pipeline.load_clip_share(config, split, SkipReport())
     embedder = Embedder(model, train_state.embedder_variables(state), mesh, config.eval.embed_batch_size)
     embeddings, labels = embed_share(embedder, clips), clips.labels
-    scorers = ("tam", "mean", "tsn")
-    kwargs = dict(way=5, shot=1, queries=2, seed=3, scorers=scorers, lam=0.1, bidirectional=False)
+    scorers = tuple(methods.build(name, config) for name in ("tam", "mean", "tsn"))
+    kwargs = dict(way=5, shot=1, queries=2, seed=3, scorers=scorers)
     cached = evaluate.evaluate_embeddings(embeddings, labels, num_episodes=6, episodes_per_batch=4,
                                           show_progress=False, **kwargs)
 
@@ -288,9 +288,7 @@ def test_cached_embeddings_give_the_same_accuracy_as_embedding_each_episode(tmp_
         rows = np.concatenate([episode.support.reshape(-1), episode.query])
         clips = np.stack([load_clip(split.source, int(split.items[r]), spec) for r in rows])
         features = model.apply(variables, clips, train=False)
-        accuracy = evaluate.episode_accuracies(
-            features[None, :5], features[None, 5:], episode.query_labels[None], way=5, shot=1,
-            scorers=scorers, lam=0.1, bidirectional=False,
-        )
-        for i, name in enumerate(scorers):
+        accuracy = evaluate.frame_episode_accuracies(
+            scorers, None, features[None, :5], features[None, 5:], episode.query_labels[None], way=5, shot=1)
+        for i, name in enumerate(("tam", "mean", "tsn")):
             assert cached[name][index] == pytest.approx(float(accuracy[i, 0]), abs=1e-6)

@@ -1,5 +1,5 @@
-"""TRX (tam_jax.trx) against a loop-by-loop NumPy transcription of its equations, plus gradients, tuple
-counts, dropout and the input checks. Small dims (T=4..8, D=16, d_k=8), CPU, in-process."""
+"""TRX (tam_jax.methods.trx) against a loop-by-loop NumPy transcription of its equations, plus gradients,
+tuple counts, dropout and the input checks. Small dims (T=4..8, D=16, d_k=8), CPU, in-process."""
 
 import functools
 import itertools
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from tam_jax import trx
+from tam_jax.methods import trx
 
 FEATURES, DIM = 16, 8
 
