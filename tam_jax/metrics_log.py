@@ -9,9 +9,29 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from tam_jax import hosts
 from tam_jax.files import atomic_write
+
+
+def summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without PyTorch.
+
+    tensorboardX imports torch whenever it is installed (to accept torch tensors, which nothing here
+    passes): 2-4 s at the start of every run on a machine that also has PyTorch. Unless torch is
+    imported already, it is hidden for that one import and importable again afterwards.
+    """
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this entry is None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 class MetricsLog:
@@ -27,10 +47,8 @@ class MetricsLog:
         if not hosts.is_chief():
             return
         self._truncate_after(step)
-        from tensorboardX import SummaryWriter
-
         # purge_step: TensorBoard hides the events of steps >= it written before (by an interrupted run).
-        self._writer = SummaryWriter(self._tensorboard_dir, purge_step=step + 1)
+        self._writer = summary_writer_class()(self._tensorboard_dir, purge_step=step + 1)
 
     def _truncate_after(self, step: int) -> None:
         if not os.path.exists(self.path):

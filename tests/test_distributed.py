@@ -1,5 +1,6 @@
 """Multi-host start-up and a real two-process training run on this machine (CPU, gloo, loopback)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -51,16 +52,21 @@ def test_two_processes_train_like_one_process_on_as_many_devices(tmp_path):
     config.train.episodes_per_step = 4
     config.train.val_every_steps = 2
     config.train.val_episodes = 10
-    flags = ["--config=configs/demo.py", "--mode=train", *flags_for(config)]
+    # How it runs is the plan's, as in the demo: both processes' devices, and micro-batches that fit them.
+    config.mesh.num_devices = 0
+    config.train.episodes_per_device_step = config.train.embed_chunks = 0
+    flags = ["--config=configs/demo.py", *flags_for(config)]
     base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
     two = tmp_path / "two_processes"
     env = dict(base, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
     run(["bash", "launch/local.sh", "2", *flags, f"--workdir={two}"], env)
+    assert json.loads((two / "plan.json").read_text())["num_devices"] == 4
+    assert (two / "results.json").exists()  # the default mode evaluates the test split after training
 
     one = tmp_path / "one_process"
     env = dict(base, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    run([sys.executable, "-m", "tam_jax.main", *flags, f"--workdir={one}"], env)
+    run([sys.executable, "-m", "tam_jax.main", *flags, "--mode=train", f"--workdir={one}"], env)
 
     config.mesh.num_devices = 1  # restore both onto one device: a checkpoint moves across device counts
     step_two, state_two = read_params(str(two), config)

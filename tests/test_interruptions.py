@@ -83,6 +83,26 @@ def test_a_resumed_log_drops_later_and_half_written_records(tmp_path):
         {"step": 1, "loss": 1.0}, {"step": 2, "val_accuracy": 0.5}, {"step": 3, "loss": 0.8}]
 
 
+@pytest.mark.e2e  # a fresh process: this one may have imported torch already
+def test_tensorboard_is_written_without_importing_torch(tmp_path):
+    script = (
+        "import sys\n"
+        "from tam_jax.metrics_log import MetricsLog\n"
+        f"log = MetricsLog({str(tmp_path)!r})\n"
+        "log.start(0)\n"
+        "log.write(1, {'loss': 0.5}, 'train')\n"
+        "log.close()\n"
+        "assert 'torch' not in sys.modules, 'tensorboardX imported torch'\n"
+        "import importlib.util\n"
+        "if importlib.util.find_spec('torch') is not None:\n"
+        "    import torch  # still importable afterwards\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert tensorboard_scalars(tmp_path / "tensorboard") == {"train/loss": [1]}
+
+
 def tensorboard_scalars(directory: Path) -> dict[str, list[int]]:
     """tag -> steps shown by TensorBoard: events of every file, with a resumed run's purge_step applied."""
     from tensorboardX.proto import event_pb2

@@ -243,17 +243,6 @@ def test_the_demo_runs_unchanged_on_any_device_count(tmp_path, devices, used):
     assert (tmp_path / "results.json").exists()
 
 
-@pytest.mark.e2e
-def test_two_processes_run_the_demo_unchanged(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    result = subprocess.run(["bash", "launch/local.sh", "2", *SMALL_DEMO, f"--workdir={tmp_path}"], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "plan.json").read_text())["num_devices"] == 4
-    assert (tmp_path / "results.json").exists()
-
-
 @pytest.mark.e2e  # a whole (2-step) training run
 def test_a_memory_budget_compiles_once_and_trains_with_that_executable(tmp_path, monkeypatch):
     config = tiny_config(num_steps=2)
