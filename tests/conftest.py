@@ -1,11 +1,7 @@
 """Test-wide setup: 8 virtual CPU devices, so data-parallel code runs on 1 and on 8 devices in one process; a
-compilation cache for the session; trained workdirs shared by the test files."""
+persistent compilation cache; trained workdirs shared by the test files."""
 
-import atexit
-import importlib.util
 import os
-import shutil
-import tempfile
 
 import pytest
 
@@ -17,17 +13,26 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 # Most tests compile the same tiny training and evaluation steps, in this process and in the
 # `python -m tam_jax...` processes they start (which inherit the environment, and pytest-xdist's workers too):
-# a persistent compilation cache for this session compiles each once. Fresh for every session (nothing
-# carries over from an older checkout); a cache directory set by the user is used as it is.
+# a persistent compilation cache compiles each once. It lives in the user's cache folder, so a rerun after
+# an edit compiles only what the edit changed: JAX keys each entry by the program, its compile options,
+# the devices and the JAX version, so a changed program never gets an old executable. Bounded to 4 GiB,
+# least recently used out first; a size bound also makes JAX lock the folder around each read and write
+# (with `filelock`), so no process reads a half-written entry. For a cold run delete the folder; a
+# JAX_COMPILATION_CACHE_DIR set by the user is used as it is.
+TEST_COMPILATION_CACHE = os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tam_jax", "test_compilation_cache"
+)
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _cache = tempfile.mkdtemp(prefix="tam_jax_tests_xla_cache_")
-    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = TEST_COMPILATION_CACHE
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-    # A size bound makes JAX lock the cache directory around each read and write (with `filelock`, which
-    # it needs then): processes (xdist workers, the runs a test starts) never read a half-written entry.
-    if importlib.util.find_spec("filelock") is not None:
-        os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject.toml): one worker per core this process may use, at most 4. Each worker holds
+    8 virtual devices and already compiles and runs on every core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, 4))
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""Interruptions and failures: stop signals, hard kills at many points, damaged checkpoints, two runs on one
-workdir, a full disk, and files written whole or not at all."""
+"""Interruptions and failures: hard kills at many points, damaged checkpoints, two runs on one workdir, a
+full disk, and files written whole or not at all. A SIGTERM and its resume: tests/test_train.py."""
 
 import errno
 import json
@@ -9,7 +9,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -129,29 +128,7 @@ def tensorboard_scalars(directory: Path) -> dict[str, list[int]]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Stop signals and hard kills.
-
-
-@pytest.mark.e2e
-def test_sigterm_saves_exits_143_and_writes_no_results_then_the_run_resumes(tmp_path):
-    config = small_config(num_steps=40)
-    config.train.val_every_steps = 0
-    workdir = tmp_path / "run"
-    process = subprocess.Popen([*command(config), f"--workdir={workdir}"], cwd=REPO, env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    log = workdir / "train_log.jsonl"
-    deadline = time.monotonic() + 300
-    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
-        assert process.poll() is None, process.stdout.read().decode()
-        assert time.monotonic() < deadline, "training never logged its first steps"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=180)[0].decode()
-    assert process.returncode == 143, output
-    assert output.count("SIGTERM received") == 1 and "resume" in output, output  # said once
-    assert not (workdir / "results.json").exists()  # an unfinished model is not evaluated
-    stopped_at, _ = read_params(str(workdir), config)
-    assert 2 <= stopped_at < 40
+# Hard kills.
 
 
 def run_to_the_end(config, workdir, point=None, n=0):

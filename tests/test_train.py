@@ -63,8 +63,7 @@ def test_resume_after_sigterm_ends_where_an_uninterrupted_run_does(tmp_path):
     config.train.val_every_steps = 0
     config.train.checkpoint_every_steps = 100  # only the SIGTERM save and the final one
     config.train.log_every_steps = 1
-    command = [sys.executable, "-m", "tam_jax.main", "--config=configs/demo.py", "--mode=train",
-               *flags_for(config)]
+    command = [sys.executable, "-m", "tam_jax.main", "--config=configs/demo.py", *flags_for(config)]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
 
     straight = tmp_path / "straight"
@@ -83,7 +82,8 @@ def test_resume_after_sigterm_ends_where_an_uninterrupted_run_does(tmp_path):
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0].decode()
     assert process.returncode == 143, output  # saved, stopped, and said so by its exit status
-    assert "SIGTERM received" in output
+    assert output.count("SIGTERM received") == 1 and "resume" in output, output  # said once
+    assert not (interrupted / "results.json").exists()  # an unfinished model is not evaluated
     stopped_at, _ = read_params(str(interrupted), config)
     assert 2 <= stopped_at < 8
 
@@ -94,6 +94,8 @@ def test_resume_after_sigterm_ends_where_an_uninterrupted_run_does(tmp_path):
     assert step_a == step_b == 8
     jax.tree.map(np.testing.assert_array_equal, state_a.params, state_b.params)
     jax.tree.map(np.testing.assert_array_equal, state_a.opt_state, state_b.opt_state)
+    results = lambda workdir: json.loads((workdir / "results.json").read_text())
+    assert results(interrupted) == results(straight)
 
 
 def one_step(config, batch, with_state=False):
