@@ -35,6 +35,14 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(cores, 4))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files with end-to-end tests first. A worker takes a whole file (`--dist loadfile`), in this order:
+    the long files go out first and the short ones fill in at the end, instead of one long file running
+    alone at the end while the other workers wait."""
+    long_files = {item.path for item in items if item.get_closest_marker("e2e")}
+    items.sort(key=lambda item: item.path not in long_files)  # stable: each file keeps its own order
+
+
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory):
     """A finished tiny run of `tests.helpers.trained_config()` (checkpoints at steps 2 and 4), trained once

@@ -152,6 +152,10 @@ def test_a_few_steps_on_a_fixed_batch_fit_it(scorer):
     # Eq. 8 at temperature 1 and scale 1 by hand: the direction training must move, whatever the scale.
     assert eq8_loss(after, labels, 1.0) < eq8_loss(before, labels, 1.0) - 0.1
     assert nearest_class_accuracy(after, labels) >= 0.8 > 1 / WAY
+    if methods.get(scorer).learned:  # every parameter of the method's head gets a gradient
+        moved = lambda a, b: not np.allclose(a, b)
+        changed = jax.tree.map(moved, initial.params["head"], final.params["head"])
+        assert all(jax.tree.leaves(changed)), jax.tree.map(int, changed)
     floor = fewshot.loss_floor(WAY, 2.0)
     # Flat-softmax bound: a [0, 2] distance at logit scale 1 (Table 2's diagonal, mean, min).
     unit = methods.get(scorer).distance_range == "unit"
