@@ -22,15 +22,14 @@ def summary_writer_class():
     passes): 2-4 s at the start of every run on a machine that also has PyTorch. Unless torch is
     imported already, it is hidden for that one import and importable again afterwards.
     """
-    if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-
-        return SummaryWriter
-    sys.modules["torch"] = None  # `import torch` raises ImportError while this entry is None
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None  # `import torch` raises ImportError while this entry is None
     try:
         from tensorboardX import SummaryWriter
     finally:
-        del sys.modules["torch"]
+        if hide_torch:
+            del sys.modules["torch"]
     return SummaryWriter
 
 
