@@ -48,22 +48,29 @@ class Run:
     classes: tuple[str, ...]
 
 
-_RUNS = {}
-
-
 def trained_run(tmp_path_factory) -> Run:
-    """Trained once per test session (tests/test_visualize.py shares it)."""
-    if "run" in _RUNS:
-        return _RUNS["run"]
+    """Trained once per test run (tests/conftest.py `built_once`); test_visualize and test_tool_errors
+    share it."""
+    from tests.conftest import built_once
+
+    root = built_once(tmp_path_factory, "predict", write_trained_run)
+    queries = (root / "query" / "q0.mp4", root / "query" / "q1", root / "query" / "q2.mp4")
+    classes = tuple(json.loads((root / "classes.json").read_text()))
+    return Run(root / "run", root / "support", tuple(map(str, queries)), str(root / "query" / "corrupt.mp4"),
+               classes)
+
+
+def write_trained_run(root: Path) -> None:
+    """`tiny_config()` trained in root/run; clips of three test classes in root/support and root/query."""
     from tam_jax.data.demo import DemoConfig, demo_splits, render_video
     from tam_jax.data.frames import write_frame_folder
     from tam_jax.data.videos import write_video
 
-    root = tmp_path_factory.mktemp("predict")
     config = tiny_config()
     train.train(config, str(root / "run"))
     demo = DemoConfig(**config.data.demo.to_dict())
     classes = demo_splits(demo)["test"].classes[:3]
+    (root / "classes.json").write_text(json.dumps(list(classes)))
     support = root / "support"
     layout = {0: ("a.mp4", "b"), 1: ("a",), 2: ("a.mp4", "b.mp4", "c")}
     for c, names in layout.items():
@@ -73,15 +80,12 @@ def trained_run(tmp_path_factory) -> Run:
                 write_video(support / classes[c] / name, frames)
             else:
                 write_frame_folder(support / classes[c] / name, frames)
-    queries = (root / "query" / "q0.mp4", root / "query" / "q1", root / "query" / "q2.mp4")
-    write_video(queries[0], render_video(demo, classes[0], 5))
-    write_frame_folder(queries[1], render_video(demo, classes[1], 5))
-    write_video(queries[2], render_video(demo, classes[2], 5))
-    corrupt = root / "query" / "corrupt.mp4"
-    data = queries[0].read_bytes()
-    corrupt.write_bytes(data[: len(data) // 3])  # the MP4 index (moov) is at the end: cannot be opened
-    _RUNS["run"] = Run(root / "run", support, tuple(map(str, queries)), str(corrupt), classes)
-    return _RUNS["run"]
+    query = root / "query"
+    write_video(query / "q0.mp4", render_video(demo, classes[0], 5))
+    write_frame_folder(query / "q1", render_video(demo, classes[1], 5))
+    write_video(query / "q2.mp4", render_video(demo, classes[2], 5))
+    data = (query / "q0.mp4").read_bytes()  # cut: the MP4 index (moov) is at the end, so it cannot be opened
+    (query / "corrupt.mp4").write_bytes(data[: len(data) // 3])
 
 
 @pytest.fixture(scope="module")
