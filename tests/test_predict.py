@@ -48,16 +48,18 @@ class Run:
     classes: tuple[str, ...]
 
 
+QUERIES = ("q0.mp4", "q1", "q2.mp4")  # of classes 0, 1, 2: an MP4, a frame folder, an MP4
+
+
 def trained_run(tmp_path_factory) -> Run:
     """Trained once per test run (tests/conftest.py `built_once`); test_visualize and test_tool_errors
     share it."""
     from tests.conftest import built_once
 
     root = built_once(tmp_path_factory, "predict", write_trained_run)
-    queries = (root / "query" / "q0.mp4", root / "query" / "q1", root / "query" / "q2.mp4")
     classes = tuple(json.loads((root / "classes.json").read_text()))
-    return Run(root / "run", root / "support", tuple(map(str, queries)), str(root / "query" / "corrupt.mp4"),
-               classes)
+    return Run(root / "run", root / "support", tuple(str(root / "query" / name) for name in QUERIES),
+               str(root / "query" / "corrupt.mp4"), classes)
 
 
 def write_trained_run(root: Path) -> None:
@@ -71,19 +73,18 @@ def write_trained_run(root: Path) -> None:
     demo = DemoConfig(**config.data.demo.to_dict())
     classes = demo_splits(demo)["test"].classes[:3]
     (root / "classes.json").write_text(json.dumps(list(classes)))
-    support = root / "support"
+
+    def write_clip(path, c, video):  # an MP4 or, without the suffix, a frame folder
+        frames = render_video(demo, classes[c], video)
+        (write_video if path.suffix == ".mp4" else write_frame_folder)(path, frames)
+
     layout = {0: ("a.mp4", "b"), 1: ("a",), 2: ("a.mp4", "b.mp4", "c")}
     for c, names in layout.items():
         for video, name in enumerate(names):
-            frames = render_video(demo, classes[c], video)
-            if name.endswith(".mp4"):
-                write_video(support / classes[c] / name, frames)
-            else:
-                write_frame_folder(support / classes[c] / name, frames)
+            write_clip(root / "support" / classes[c] / name, c, video)
     query = root / "query"
-    write_video(query / "q0.mp4", render_video(demo, classes[0], 5))
-    write_frame_folder(query / "q1", render_video(demo, classes[1], 5))
-    write_video(query / "q2.mp4", render_video(demo, classes[2], 5))
+    for c, name in enumerate(QUERIES):
+        write_clip(query / name, c, 5)
     data = (query / "q0.mp4").read_bytes()  # cut: the MP4 index (moov) is at the end, so it cannot be opened
     (query / "corrupt.mp4").write_bytes(data[: len(data) // 3])
 
