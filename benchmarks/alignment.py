@@ -1,6 +1,10 @@
 """Pairs per second of the alignment scores, forward and forward+backward, against tslearn's soft-DTW.
 
     python benchmarks/alignment.py [--lengths 8,32,64,128] [--pairs 625,8192] [--out FILE.json]
+    python benchmarks/alignment.py --eager
+
+`--eager` times the public functions called outside `jax.jit` on one episode's 25 8x8 matrices instead:
+the first call (tracing and compiling included) and the median call after it.
 
 For each sequence length T and batch of N query-support pairs (625 = one 5-way 5-shot episode of 25
 queries; 8192 = a large batch), times on random float32 cost matrices `[N, T, T]`:
@@ -120,6 +124,26 @@ def run(lengths, pair_counts):
     return rows
 
 
+def eager_calls():
+    """{name: (first call, later calls) in seconds} of the public functions called outside `jax.jit`."""
+    cost = jnp.asarray(np.random.default_rng(0).uniform(0, 2, size=(25, 8, 8)), jnp.float32)
+    calls = {
+        "tam_distance": lambda: alignment.tam_distance(cost),
+        "alignment_distance plain_dtw": lambda: alignment.alignment_distance(cost, "plain_dtw"),
+        "soft_alignment": lambda: alignment.soft_alignment(cost),
+        "alignment_path": lambda: alignment.alignment_path(cost),
+        "grad of tam_distance": lambda: jax.grad(lambda d: jnp.sum(alignment.tam_distance(d)))(cost),
+    }
+    times = {}
+    for name, call in calls.items():
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        first = time.perf_counter() - start
+        times[name] = (first, median_seconds(lambda call=call: jax.block_until_ready(call())))
+        print(f"| {name} | {first * 1e3:,.0f} ms | {times[name][1] * 1e3:,.2f} ms |", flush=True)
+    return times
+
+
 COLUMNS = (
     "T", "pairs", "tam_fwd", "tam_fwd_bwd", "tam_fwd_bwd_autodiff",
     "plain_dtw_fwd", "plain_dtw_fwd_bwd", "plain_dtw_fwd_bwd_autodiff",
@@ -147,7 +171,12 @@ def main():
     parser.add_argument("--lengths", default="8,32,64,128")
     parser.add_argument("--pairs", default="625,8192")
     parser.add_argument("--out", default=None, help="write the figures and versions as JSON here")
+    parser.add_argument("--eager", action="store_true", help="time calls outside jax.jit instead")
     args = parser.parse_args()
+    if args.eager:
+        print("| call | first call | later calls (median) |\n|---|---|---|")
+        eager_calls()
+        return
     lengths = [int(x) for x in args.lengths.split(",")]
     pair_counts = [int(x) for x in args.pairs.split(",")]
     print("pairs per second (higher is better); ratio = plain_dtw (ours) / tslearn")

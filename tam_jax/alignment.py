@@ -5,6 +5,7 @@ Equation numbers refer to Cao et al., "Few-Shot Video Classification via Tempora
 
 All functions are jittable, vmappable and differentiable, accept bfloat16, float32 (or float64) inputs and
 accumulate in at least float32; results come back in that accumulation dtype (float32 for bf16 input).
+Called outside `jax.jit`, the scores and paths run as one compiled program per input shape (`_compiled`).
 
 The dynamic programmes (TAM and plain DTW) run as one `jax.lax.scan` over the anti-diagonals of the
 cost matrix: cell (i, j) depends only on cells of diagonals i + j - 1 and i + j - 2, so every step updates
@@ -16,6 +17,7 @@ autodiff of the forward scan in benchmarks/README.md); the hard scores and a tra
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 
 import jax
@@ -79,6 +81,33 @@ def _checked_lam(lam):
     if not value >= 0:  # also NaN
         raise ValueError(f"lam must be >= 0 (0 is the hard minimum), got {value}.")
     return value
+
+
+def _compiled(function: Callable) -> Callable:
+    """`function(dist, ...)` as one compiled program per input shape and option values.
+
+    A call outside `jax.jit` runs fused, not op by op (the scan alone is slow eagerly), and so do its
+    eager `grad` and `vmap`. Inside `jax.jit` the call is inlined into the caller's program, which is
+    therefore the same as without this wrapper. A
+    known lam (a Python, NumPy or concrete JAX scalar) is a static option, so that 0 selects the hard
+    minimum and a positive lam the analytic backward pass at trace time; a traced lam stays traced.
+    """
+    signature = inspect.signature(function)
+    options = tuple(name for name in signature.parameters if name != "dist")
+    jitted = jax.jit(function, static_argnames=options, inline=True)
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = bound.arguments
+        if "lam" in arguments:
+            arguments["lam"] = _checked_lam(arguments["lam"])
+            if isinstance(arguments["lam"], jax.core.Tracer):
+                return function(**arguments)
+        return jitted(**arguments)
+
+    return call
 
 
 def _soft_min3(a: jax.Array, b: jax.Array, c: jax.Array, lam) -> jax.Array:
@@ -263,6 +292,7 @@ def _tam_one_direction(dist: jax.Array, lam) -> jax.Array:
     return _dynamic_programme(padded, lam, vertical_columns).reshape(leading)
 
 
+@_compiled
 def tam_distance(dist: jax.Array, lam=0.1, bidirectional: bool = False) -> jax.Array:
     """Temporal Alignment Module video distance, Eq. 5-7.
 
@@ -288,6 +318,7 @@ def tam_distance(dist: jax.Array, lam=0.1, bidirectional: bool = False) -> jax.A
     return score
 
 
+@_compiled
 def plain_dtw_distance(dist: jax.Array, lam=0.1) -> jax.Array:
     """Table 2's Plain DTW: no padding, paths from (1, 1) to (Tq, Ts), predecessors (i-1, j-1),
     (i-1, j) and (i, j-1) everywhere; soft-min of Eq. 6 with temperature `lam` (0: hard minimum).
@@ -347,6 +378,7 @@ def _scorer(scorer: str, lam, bidirectional: bool) -> Callable[[jax.Array], jax.
     raise ValueError(f"Unknown alignment scorer {scorer!r}; valid scorers are {', '.join(SCORERS)}.")
 
 
+@_compiled
 def alignment_distance(dist: jax.Array, scorer: str, lam=0.1, bidirectional: bool = False) -> jax.Array:
     """Video distance `[..., Tq, Ts]` -> `[...]` by scorer: one of "tam", "plain_dtw", "diagonal", "mean",
     "min" (Table 2). `lam` is used by "tam" and "plain_dtw"; `bidirectional` by "tam"."""
@@ -377,6 +409,7 @@ def pairwise_distance(
     return jax.vmap(per_support, in_axes=(0, None))(query, support)
 
 
+@_compiled
 def soft_alignment(dist: jax.Array, scorer: str = "tam", lam=0.1) -> jax.Array:
     """Expected alignment: the gradient of the soft distance with respect to `dist`, `[..., Tq, Ts]`.
 
@@ -389,6 +422,7 @@ def soft_alignment(dist: jax.Array, scorer: str = "tam", lam=0.1) -> jax.Array:
     return jax.grad(lambda d: jnp.sum(score(d)))(dist.astype(_accumulation_dtype(dist.dtype)))
 
 
+@_compiled
 def alignment_path(dist: jax.Array, scorer: str = "tam") -> jax.Array:
     """The optimal hard path (lam = 0) as a 0/1 matrix `[..., Tq, Ts]` (ties broken towards the diagonal).
 

@@ -293,3 +293,33 @@ def test_jit_and_vmap_agree_with_eager(fn):
     eager = fn(dist)
     np.testing.assert_allclose(jax.jit(fn)(dist), eager, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(jax.vmap(fn)(dist), eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda d: alignment.tam_distance(d, 0.1, bidirectional=True),
+        lambda d: alignment.plain_dtw_distance(d, 0.0),
+        lambda d: alignment.alignment_distance(d, "tam", np.float32(0.5)),
+        lambda d: alignment.soft_alignment(d, "plain_dtw"),
+        lambda d: alignment.alignment_path(d, "tam"),
+    ],
+)
+def test_an_eager_call_is_one_program_and_a_traced_call_inlines_it(fn):
+    lowered = []
+
+    def count_lowerings(event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            lowered.append(event)
+
+    dist = jnp.asarray(np.random.default_rng(17).uniform(0, 2, size=(2, 3, 7)), jnp.float32)  # a new shape
+    jax.monitoring.register_event_duration_secs_listener(count_lowerings)
+    try:
+        eager = fn(dist)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count_lowerings)
+    assert len(lowered) == 1
+    # Inside another transformation the call is part of the caller's program, not a nested one.
+    public = {"tam_distance", "plain_dtw_distance", "alignment_distance", "soft_alignment", "alignment_path"}
+    assert not [eqn for eqn in jax.make_jaxpr(fn)(dist).eqns if eqn.params.get("name") in public]
+    np.testing.assert_allclose(jax.jit(fn)(dist), eager, rtol=1e-6, atol=1e-6)
