@@ -102,6 +102,17 @@ def initial_variables(config: ml_collections.ConfigDict, model: models.FrameEmbe
     return jax.jit(model.init, static_argnames="train")(jax.random.key(config.seed), frames, train=False)
 
 
+def initial_head(config: ml_collections.ConfigDict, method: methods.Method) -> Any:
+    """A learned method's initial parameters, from `config.seed`, as one compiled program: run op by op,
+    TRX's or TRN's head took about 7 s on ResNet-50 features."""
+
+    def init(seed):
+        rng = jax.random.fold_in(jax.random.key(seed), 1)
+        return method.init(rng, config.data.num_frames, models.feature_dim(config.model.arch))
+
+    return jax.jit(init)(config.seed)
+
+
 def create_train_state(
     config: ml_collections.ConfigDict, model: models.FrameEmbedder, optimizer, mesh: Mesh
 ) -> TrainState:
@@ -112,8 +123,7 @@ def create_train_state(
         params["log_temperature"] = jnp.log(jnp.float32(config.fewshot.temperature))
     method = methods.build(config.fewshot.scorer, config)
     if method.learned:
-        params["head"] = method.init(jax.random.fold_in(jax.random.key(config.seed), 1),
-                                     config.data.num_frames, models.feature_dim(config.model.arch))
+        params["head"] = initial_head(config, method)
 
     def init(params, batch_stats):
         return TrainState(

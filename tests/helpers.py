@@ -1,8 +1,11 @@
 """Shared test helpers: the demo config at a tiny size, command-line overrides, reading checkpoints."""
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
+
+import jax
 
 from tam_jax import hosts, methods, models, train_state
 
@@ -93,3 +96,20 @@ def read_params(workdir, config):
         return step, manager.restore(step, state)
     finally:
         manager.close()
+
+
+@contextlib.contextmanager
+def lowered_programs():
+    """Yields a list that gets one entry for each program JAX lowers inside the block: each compile, including
+    those the compilation cache then serves; none for a call jit has seen before."""
+    lowered = []
+
+    def on_event(event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            lowered.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        yield lowered
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)

@@ -9,6 +9,7 @@ import pytest
 from jax.test_util import check_grads
 
 from tam_jax import alignment
+from tests.helpers import lowered_programs
 
 LAMS = (0.0, 0.01, 0.1, 1.0)
 SIZES = list(itertools.product(range(1, 6), range(1, 6)))
@@ -306,18 +307,9 @@ def test_jit_and_vmap_agree_with_eager(fn):
     ],
 )
 def test_an_eager_call_is_one_program_and_a_traced_call_inlines_it(fn):
-    lowered = []
-
-    def count_lowerings(event, duration, **kwargs):
-        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-            lowered.append(event)
-
     dist = jnp.asarray(np.random.default_rng(17).uniform(0, 2, size=(2, 3, 7)), jnp.float32)  # a new shape
-    jax.monitoring.register_event_duration_secs_listener(count_lowerings)
-    try:
+    with lowered_programs() as lowered:
         eager = fn(dist)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(count_lowerings)
     assert len(lowered) == 1
     # Inside another transformation the call is part of the caller's program, not a nested one.
     public = {"tam_distance", "plain_dtw_distance", "alignment_distance", "soft_alignment", "alignment_path"}

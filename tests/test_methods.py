@@ -11,10 +11,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tam_jax import evaluate, methods
+from tam_jax import evaluate, methods, models, train_state
 from tam_jax.config_checks import validate
 from tam_jax.methods import cmn, trn
-from tests.helpers import tiny_config
+from tests.helpers import lowered_programs, tiny_config
 
 
 def test_trn_tuples_are_ordered_all_when_few_and_an_even_subset_otherwise():
@@ -111,6 +111,21 @@ def test_video_embeddings_have_the_documented_shapes(scorer):
     split = np.ones((7, config.data.num_frames, 128), np.float32)
     cached = evaluate.method_embeddings((method,), params, split)
     assert cached[scorer].shape == (7, width)
+
+
+@pytest.mark.parametrize("scorer", ["trn", "trx"])
+def test_a_run_initialises_its_head_in_one_program_with_the_methods_values(scorer):
+    config = tiny_config()
+    config.fewshot.scorer = scorer
+    config.methods = ml_collections.ConfigDict({scorer: {"dim": 16}})
+    validate(config)
+    method = methods.build(scorer, config)
+    with lowered_programs() as lowered:
+        params = train_state.initial_head(config, method)
+    assert len(lowered) == 1
+    rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+    expected = method.init(rng, config.data.num_frames, models.feature_dim(config.model.arch))
+    jax.tree.map(np.testing.assert_array_equal, params, expected)  # and the same tree
 
 
 def test_a_learned_scorer_is_only_evaluated_by_its_own_run():
