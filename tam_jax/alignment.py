@@ -33,6 +33,7 @@ _UNREACHABLE = 1e30
 _NORM_EPS = 1e-8
 
 
+@functools.partial(jax.jit, inline=True)  # one program when called outside jax.jit
 def cosine_distance(x: jax.Array, y: jax.Array) -> jax.Array:
     """Frame-to-frame cosine distance, Eq. 1: D[l, m] = 1 - cos(x_l, y_m).
 

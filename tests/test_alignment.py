@@ -304,6 +304,7 @@ def test_jit_and_vmap_agree_with_eager(fn):
         lambda d: alignment.alignment_distance(d, "tam", np.float32(0.5)),
         lambda d: alignment.soft_alignment(d, "plain_dtw"),
         lambda d: alignment.alignment_path(d, "tam"),
+        lambda d: alignment.cosine_distance(d, d),  # frame features here
     ],
 )
 def test_an_eager_call_is_one_program_and_a_traced_call_inlines_it(fn):
@@ -312,6 +313,7 @@ def test_an_eager_call_is_one_program_and_a_traced_call_inlines_it(fn):
         eager = fn(dist)
     assert len(lowered) == 1
     # Inside another transformation the call is part of the caller's program, not a nested one.
-    public = {"tam_distance", "plain_dtw_distance", "alignment_distance", "soft_alignment", "alignment_path"}
+    public = {"cosine_distance", "tam_distance", "plain_dtw_distance", "alignment_distance", "soft_alignment",
+              "alignment_path"}
     assert not [eqn for eqn in jax.make_jaxpr(fn)(dist).eqns if eqn.params.get("name") in public]
     np.testing.assert_allclose(jax.jit(fn)(dist), eager, rtol=1e-6, atol=1e-6)
