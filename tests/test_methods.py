@@ -32,19 +32,25 @@ def test_trn_tuples_are_ordered_all_when_few_and_an_even_subset_otherwise():
 
 
 def _init(head, frames):
-    return head.init(jax.random.key(0), frames)["params"]
+    return jax.jit(head.init)(jax.random.key(0), frames)["params"]
+
+
+def _init_method(method, num_frames, feature_dim):
+    """`method.init`, jitted as a run calls it (`train_state.initial_head`)."""
+    return jax.jit(method.init, static_argnums=(1, 2))(jax.random.key(0), num_frames, feature_dim)
 
 
 def test_trn_output_shape_and_it_changes_when_frames_are_permuted():
     frames = jax.random.normal(jax.random.key(1), (3, 8, 32))
     head = trn.TRNHead(dim=16)
     params = _init(head, frames)
-    out = head.apply({"params": params}, frames)
+    apply = jax.jit(head.apply)
+    out = apply({"params": params}, frames)
     assert out.shape == (3, 16)
-    permuted = head.apply({"params": params}, frames[:, ::-1])
+    permuted = apply({"params": params}, frames[:, ::-1])
     assert not np.allclose(out, permuted, atol=1e-3)
     # Same frames, same order: the same embedding, whatever the other videos of the batch.
-    np.testing.assert_allclose(head.apply({"params": params}, frames[:1]), out[:1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(apply({"params": params}, frames[:1]), out[:1], rtol=1e-5, atol=1e-5)
 
 
 def test_cmn_and_mean_pooling_ignore_frame_order():
@@ -52,9 +58,10 @@ def test_cmn_and_mean_pooling_ignore_frame_order():
     order = np.array([3, 0, 7, 5, 1, 6, 2, 4])
     head = cmn.CMNHead(dim=16, num_saliency=4)
     params = _init(head, frames)
-    out = head.apply({"params": params}, frames)
+    apply = jax.jit(head.apply)
+    out = apply({"params": params}, frames)
     assert out.shape == (3, 4 * 16)
-    np.testing.assert_allclose(head.apply({"params": params}, frames[:, order]), out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(apply({"params": params}, frames[:, order]), out, rtol=1e-5, atol=1e-5)
     # TSN++'s mean pooling: class distances do not change either.
     tsn, labels = methods.build("tsn", tiny_config()), jnp.arange(3)
     pool = functools.partial(tsn.video_embeddings, None)
@@ -104,10 +111,10 @@ def test_video_embeddings_have_the_documented_shapes(scorer):
     config.methods = ml_collections.ConfigDict({scorer: {"dim": 16}})
     validate(config)
     method = methods.build(scorer, config)
-    params = method.init(jax.random.key(0), config.data.num_frames, 128)
+    params = _init_method(method, config.data.num_frames, 128)
     features = jnp.ones((5, config.data.num_frames, 128))
     width = 16 if scorer == "trn" else 16 * method.options.saliencies
-    assert method.video_embeddings(params, features).shape == (5, width)
+    assert jax.eval_shape(method.video_embeddings, params, features).shape == (5, width)
     split = np.ones((7, config.data.num_frames, 128), np.float32)
     cached = evaluate.method_embeddings((method,), params, split)
     assert cached[scorer].shape == (7, width)
@@ -194,7 +201,7 @@ def test_every_registered_method_scores_an_episode_with_its_documented_shapes():
 
     for name in methods.names():
         method = methods.build(name, config)
-        params = method.init(jax.random.key(0), 4, 8)
+        params = _init_method(method, 4, 8)
         assert (params is not None) == method.learned, name
         distances, reordered = both_orders(method, params)
         assert distances.shape == (5, 3) and np.isfinite(distances).all(), name

@@ -187,9 +187,9 @@ def test_frame_embedder_trains_with_gradients_and_bf16(tiny):
         return jnp.mean(out**2)
 
     grads = jax.jit(jax.grad(loss))(variables["params"])
-    leaves = jax.tree.leaves(grads)
-    assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))) for g in leaves)
-    assert float(jnp.abs(grads["backbone"]["conv1"]["kernel"]).sum()) > 0
+    leaves = jax.device_get(jax.tree.leaves(grads))  # checked in NumPy: no program per leaf shape
+    assert all(g.dtype == np.float32 and np.isfinite(g).all() for g in leaves)
+    assert np.abs(grads["backbone"]["conv1"]["kernel"]).sum() > 0
 
 
 def test_save_and_load_backbone_round_trip(tiny, tmp_path):

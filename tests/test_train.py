@@ -285,11 +285,12 @@ def test_cached_embeddings_give_the_same_accuracy_as_embedding_each_episode(tmp_
     sampler = EpisodeSampler(labels, way=5, shot=1, queries=2, seed=3)
     variables = train_state.embedder_variables(state)
     spec = pipeline.clip_spec(config)
+    embed = jax.jit(lambda variables, clips: model.apply(variables, clips, train=False))
     for index in range(6):
         episode = sampler.episode(index)
         rows = np.concatenate([episode.support.reshape(-1), episode.query])
         clips = np.stack([load_clip(split.source, int(split.items[r]), spec) for r in rows])
-        features = model.apply(variables, clips, train=False)
+        features = embed(variables, clips)
         accuracy = evaluate.frame_episode_accuracies(
             scorers, None, features[None, :5], features[None, 5:], episode.query_labels[None], way=5, shot=1)
         for i, name in enumerate(("tam", "mean", "tsn")):
