@@ -35,9 +35,10 @@ def _init(head, frames):
     return jax.jit(head.init)(jax.random.key(0), frames)["params"]
 
 
-def _init_method(method, num_frames, feature_dim):
-    """`method.init`, jitted as a run calls it (`train_state.initial_head`)."""
-    return jax.jit(method.init, static_argnums=(1, 2))(jax.random.key(0), num_frames, feature_dim)
+def _init_method(method, num_frames, feature_dim, rng=None):
+    """`method.init`, jitted (eagerly, a head's initialisation compiles a program per operation)."""
+    rng = jax.random.key(0) if rng is None else rng
+    return jax.jit(method.init, static_argnums=(1, 2))(rng, num_frames, feature_dim)
 
 
 def test_trn_output_shape_and_it_changes_when_frames_are_permuted():
@@ -102,15 +103,20 @@ def test_class_means_and_minima_follow_the_labels_on_any_axis():
     assert np.isfinite(methods.class_means(values, labels, 3, axis=1)[:, :2]).all()
 
 
-@pytest.mark.parametrize("scorer", ["trn", "cmn"])
-def test_video_embeddings_have_the_documented_shapes(scorer):
-    # Frame features [..., T, D] -> [..., dim] (TRN++) or [..., M * dim] (CMN++); that training moves every
-    # head parameter is tests/test_learning.py's.
+def _learned_run(scorer):
+    """(the tiny config training learned method `scorer` at width 16, checked; the method)."""
     config = tiny_config()
     config.fewshot.scorer = scorer
     config.methods = ml_collections.ConfigDict({scorer: {"dim": 16}})
     validate(config)
-    method = methods.build(scorer, config)
+    return config, methods.build(scorer, config)
+
+
+@pytest.mark.parametrize("scorer", ["trn", "cmn"])
+def test_video_embeddings_have_the_documented_shapes(scorer):
+    # Frame features [..., T, D] -> [..., dim] (TRN++) or [..., M * dim] (CMN++); that training moves every
+    # head parameter is tests/test_learning.py's.
+    config, method = _learned_run(scorer)
     params = _init_method(method, config.data.num_frames, 128)
     features = jnp.ones((5, config.data.num_frames, 128))
     width = 16 if scorer == "trn" else 16 * method.options.saliencies
@@ -122,16 +128,12 @@ def test_video_embeddings_have_the_documented_shapes(scorer):
 
 @pytest.mark.parametrize("scorer", ["trn", "trx"])
 def test_a_run_initialises_its_head_in_one_program_with_the_methods_values(scorer):
-    config = tiny_config()
-    config.fewshot.scorer = scorer
-    config.methods = ml_collections.ConfigDict({scorer: {"dim": 16}})
-    validate(config)
-    method = methods.build(scorer, config)
+    config, method = _learned_run(scorer)
     with lowered_programs() as lowered:
         params = train_state.initial_head(config, method)
     assert len(lowered) == 1
     rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-    expected = method.init(rng, config.data.num_frames, models.feature_dim(config.model.arch))
+    expected = _init_method(method, config.data.num_frames, models.feature_dim(config.model.arch), rng)
     jax.tree.map(np.testing.assert_array_equal, params, expected)  # and the same tree
 
 
