@@ -1,6 +1,7 @@
 """Test-wide setup: 8 virtual CPU devices, so data-parallel code runs on 1 and on 8 devices in one process; a
 persistent compilation cache; trained workdirs shared by the test files and the workers."""
 
+import gc
 import os
 import shutil
 from pathlib import Path
@@ -51,6 +52,15 @@ def pytest_sessionstart(session):
     if not hasattr(session.config, "workerinput") and os.environ["JAX_COMPILATION_CACHE_DIR"] == (
             TEST_COMPILATION_CACHE):
         prune_least_recently_used(TEST_COMPILATION_CACHE, TEST_COMPILATION_CACHE_BYTES)
+
+
+def pytest_sessionfinish(session):
+    """Collects the run's garbage now, while pytest still reports what it raises, then freezes the objects
+    left (JAX's caches hold about 500,000), so that pytest's five collections at exit do not walk them again.
+    Those took a pytest-xdist worker past the 5 s execnet waits for it to end, and its interrupt then showed
+    as a `PytestUnraisableExceptionWarning ... KeyboardInterrupt` at the end of the run."""
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_xdist_auto_num_workers(config):
