@@ -117,6 +117,15 @@ class TrainedModel:
         }
 
 
+def _resolve_run(path: str | os.PathLike) -> tuple[Path, Path, int, ml_collections.ConfigDict]:
+    """(workdir, checkpoint folder, step, config) of the checkpoint `path` names, the run's own methods
+    registered (`config.plugins`)."""
+    workdir, directory, step = checkpoints.resolve_checkpoint(path)
+    config = checkpoints.read_config(workdir)
+    methods.import_plugins(config.plugins)
+    return workdir, directory, step, config
+
+
 def load_trained_model(path: str | os.PathLike, *, num_devices: int = 1) -> TrainedModel:
     """Restore the embedder of the checkpoint `path` names (`tam_jax.checkpoints.resolve_checkpoint`) onto
     `num_devices` devices (0: all).
@@ -125,9 +134,7 @@ def load_trained_model(path: str | os.PathLike, *, num_devices: int = 1) -> Trai
     named explicitly is restored or fails. Raises CheckpointMismatchError when the saved weights do not fit
     the `config.json` beside them.
     """
-    workdir, directory, step = checkpoints.resolve_checkpoint(path)
-    config = checkpoints.read_config(workdir)
-    methods.import_plugins(config.plugins)  # the modules that registered the run's own methods
+    workdir, directory, step, config = _resolve_run(path)
     mesh = hosts.make_mesh(num_devices)
     manager = checkpoints.CheckpointManager(str(directory))
     restore = lambda s: restore_trained(manager, s, config, mesh, where=str(workdir / "config.json"))
@@ -320,6 +327,40 @@ def rank(distances: np.ndarray, class_names: Sequence[str]) -> tuple[tuple[str, 
 # The classifier.
 
 
+def scoring_settings(
+    config: ml_collections.ConfigDict, where: str | os.PathLike, *, scorer: str | None = None,
+    lam: float | None = None, bidirectional: bool | None = None,
+) -> tuple[str, float, bool]:
+    """(scorer, lam, bidirectional) a classifier of the run `config` scores with: those given, else the
+    run's. Needs only the run's config, so that a bad choice fails before anything is restored.
+
+    Raises:
+      ValueError: an unregistered scorer, a learned one the run (`where`) did not train, lam < 0, or
+        bidirectional with another scorer than TAM.
+    """
+    scorer = scorer or config.fewshot.scorer
+    methods.get(scorer)  # ValueError naming the registered methods
+    if methods.get(scorer).learned and scorer != config.fewshot.scorer:
+        raise _no_parameters_error(scorer, where, config)
+    lam = float(config.alignment.lam if lam is None else lam)
+    if lam < 0:
+        raise ValueError(f"lam must be >= 0 (0: the hard minimum), got {lam}.")
+    if bidirectional and scorer != "tam":
+        raise ValueError(f"bidirectional applies to scorer 'tam' only, not {scorer!r}.")
+    # The run's bidirectional setting follows its scorer; another scorer drops it.
+    if bidirectional is None:
+        bidirectional = config.alignment.bidirectional and scorer == "tam"
+    return scorer, lam, bool(bidirectional)
+
+
+def _no_parameters_error(scorer: str, where, config: ml_collections.ConfigDict) -> ValueError:
+    return ValueError(
+        f"Scorer {scorer!r} is a learned method, and checkpoint {where} holds no parameters for it (it "
+        f"trained {config.fewshot.scorer!r}); choose a method without parameters with scorer= (--scorer): "
+        f"{', '.join(methods.names(learned=False))}."
+    )
+
+
 class FewShotClassifier:
     """Classify videos among classes given by a few example clips each, with a trained checkpoint.
 
@@ -330,25 +371,12 @@ class FewShotClassifier:
         self, model: TrainedModel, *, scorer: str | None = None, lam: float | None = None,
         bidirectional: bool | None = None, progress: bool = True,
     ):
-        settings = model.config.alignment
         self.model = model
-        self.scorer = scorer or model.config.fewshot.scorer
-        methods.get(self.scorer)  # ValueError naming the registered methods
+        self.scorer, self.lam, self.bidirectional = scoring_settings(
+            model.config, model.directory, scorer=scorer, lam=lam, bidirectional=bidirectional)
         self.params = model.state.params.get("head") if self.scorer == model.config.fewshot.scorer else None
         if methods.get(self.scorer).learned and self.params is None:
-            raise ValueError(
-                f"Scorer {self.scorer!r} is a learned method, and checkpoint {model.directory} holds no "
-                f"parameters for it (it trained {model.config.fewshot.scorer!r}); choose a method without "
-                f"parameters with scorer= (--scorer): {', '.join(methods.names(learned=False))}."
-            )
-        self.lam = float(settings.lam if lam is None else lam)
-        if self.lam < 0:
-            raise ValueError(f"lam must be >= 0 (0: the hard minimum), got {self.lam}.")
-        if bidirectional and self.scorer != "tam":
-            raise ValueError(f"bidirectional applies to scorer 'tam' only, not {self.scorer!r}.")
-        # The checkpoint's bidirectional setting follows its scorer; another scorer drops it.
-        self.bidirectional = bool(settings.bidirectional and self.scorer == "tam"
-                                  if bidirectional is None else bidirectional)
+            raise _no_parameters_error(self.scorer, model.directory, model.config)
         config = model.config.copy_and_resolve_references()
         config.alignment.lam, config.alignment.bidirectional = self.lam, self.bidirectional
         self.method = methods.build(self.scorer, config)
@@ -361,6 +389,9 @@ class FewShotClassifier:
         """From a training workdir (its best checkpoint) or one `checkpoints/<step>` folder (its embedder
         only). kwargs:
         scorer, lam, bidirectional (default: the checkpoint's `config.alignment`), progress."""
+        workdir, _, _, config = _resolve_run(path)
+        chosen = {k: v for k, v in kwargs.items() if k in ("scorer", "lam", "bidirectional")}
+        scoring_settings(config, workdir, **chosen)  # a bad choice fails before the restore
         return cls(load_trained_model(path, num_devices=num_devices), **kwargs)
 
     @property

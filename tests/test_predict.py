@@ -4,6 +4,7 @@ frame folders, `tam_jax.predict` in process and as a subprocess, the Python API,
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from tam_jax import alignment, methods, predict, train
+from tam_jax import alignment, inference, methods, predict, train
 from tam_jax.checkpoints import resolve_checkpoint
 from tam_jax.inference import (
     CheckpointMismatchError,
@@ -178,6 +179,23 @@ def test_python_api_with_a_mapping_a_step_folder_and_hard_tam(run, tmp_path):
     first = result.predictions[0]
     assert first.label == "second" and first.ranking[0][1] == pytest.approx(0, abs=1e-5)
     assert first.ranking[1][1] > 1e-3
+
+
+def test_a_bad_scoring_choice_fails_before_the_checkpoint_is_restored(run, monkeypatch):
+    def restore(*args, **kwargs):
+        raise AssertionError("restored before the scoring settings were checked")
+
+    monkeypatch.setattr(inference, "load_trained_model", restore)
+    for chosen, message in [
+        (dict(scorer="trn"), re.escape(f"'trn' is a learned method, and checkpoint {run.workdir} holds no")),
+        (dict(scorer="bogus"), "Unknown scorer 'bogus'; the registered methods are"),
+        (dict(lam=-1.0), "lam must be >= 0"),
+        (dict(scorer="mean", bidirectional=True), "bidirectional applies to scorer 'tam' only"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            FewShotClassifier.from_checkpoint(run.workdir, **chosen)
+    with pytest.raises(AssertionError, match="restored"):  # a good choice goes on to the restore
+        FewShotClassifier.from_checkpoint(run.workdir, scorer="mean", lam=0.0)
 
 
 def test_a_support_class_without_a_readable_clip_is_an_error_naming_it(run, tmp_path, capsys):
