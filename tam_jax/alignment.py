@@ -89,9 +89,9 @@ def _compiled(function: Callable) -> Callable:
 
     A call outside `jax.jit` runs fused, not op by op (the scan alone is slow eagerly), and so do its
     eager `grad` and `vmap`. Inside `jax.jit` the call is inlined into the caller's program, which is
-    therefore the same as without this wrapper. A
-    known lam (a Python, NumPy or concrete JAX scalar) is a static option, so that 0 selects the hard
-    minimum and a positive lam the analytic backward pass at trace time; a traced lam stays traced.
+    therefore the same as without this wrapper. A known lam (a Python, NumPy or concrete JAX scalar) is
+    a static option, so that 0 selects the hard minimum and a positive lam the analytic backward pass at
+    trace time; a traced lam stays traced.
     """
     signature = inspect.signature(function)
     options = tuple(name for name in signature.parameters if name != "dist")
