@@ -339,8 +339,7 @@ def scoring_settings(
         bidirectional with another scorer than TAM.
     """
     scorer = scorer or config.fewshot.scorer
-    methods.get(scorer)  # ValueError naming the registered methods
-    if methods.get(scorer).learned and scorer != config.fewshot.scorer:
+    if methods.get(scorer).learned and scorer != config.fewshot.scorer:  # get: ValueError if unregistered
         raise _no_parameters_error(scorer, where, config)
     lam = float(config.alignment.lam if lam is None else lam)
     if lam < 0:
